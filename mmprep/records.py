@@ -1,0 +1,137 @@
+"""The records that flow through the prepare pipeline, and the closed list of reject reasons.
+
+Records are frozen dataclasses (copied on change with `dataclasses.replace`);
+everything a Beam stage groups on is a plain str/int so coders are deterministic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+# The closed list of reject reasons: code -> (stage, meaning). The README documents it
+# and a test keeps the two in sync.
+REASONS: dict[str, tuple[str, str]] = {
+    "malformed_row": ("read", "the manifest line/row could not be parsed (bad JSON, broken CSV row)"),
+    "bad_field": ("read", "a field has the wrong type (e.g. a number where a path or text belongs)"),
+    "missing_id": ("read", "the row has no usable id"),
+    "duplicate_id": ("read", "another row already used this id; the first row (by source order) is kept"),
+    "no_modality": ("read", "the row names no image, audio or text"),
+    "missing_file": ("load", "a referenced media file does not exist"),
+    "unreadable_file": ("load", "a referenced media file could not be read"),
+    "empty_file": ("load", "a referenced media file has zero bytes"),
+    "image_undecodable": ("image", "not an image, truncated, or an unsupported format"),
+    "image_too_large": ("image", "the header declares more pixels than prepare.image.max_pixels (bomb guard)"),
+    "image_too_small": ("image", "shorter side below prepare.image.min_side"),
+    "image_bad_aspect": ("image", "aspect ratio beyond prepare.image.max_aspect"),
+    "audio_undecodable": ("audio", "not audio, truncated, or an unsupported format"),
+    "audio_nonfinite": ("audio", "samples contain NaN or infinity"),
+    "audio_too_short": ("audio", "shorter than prepare.audio.min_duration"),
+    "audio_too_long": ("audio", "longer than prepare.audio.max_duration (with too_long: reject)"),
+    "audio_silent": ("audio", "RMS level below prepare.audio.silence_db"),
+    "text_not_utf8": ("text", "the text is not valid UTF-8"),
+    "text_empty": ("text", "the text is empty or whitespace/control characters only"),
+    "no_usable_modality": ("clean", "every modality the row named was dropped (on_bad_modality: drop)"),
+    "unknown_label": ("label", "the label is not in prepare.label.labels"),
+    "unlabeled": ("label", "no label and no labelling rule matched (with label.unlabeled: reject)"),
+    "duplicate": ("dedup", "same content in every modality as another sample (see duplicate_of)"),
+}
+
+MODALITIES = ("image", "audio", "text")
+
+
+class RecordError(Exception):
+    """A per-record failure that becomes a reject row; `reason` is a key of REASONS."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        if reason not in REASONS:
+            raise ValueError(f"unknown reject reason {reason!r}")
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class RawRow:
+    """One input row, parsed but not loaded. Paths are absolute paths or URIs."""
+
+    source: str  # "<file>:<row number>" (1-based), for humans and for ordering
+    order: int  # global input order, used to break ties deterministically
+    id: str
+    image: str | None = None
+    audio: str | None = None
+    text: str | bytes | None = None  # inline str, or raw bytes read from a .txt file
+    text_path: str | None = None  # directory layout: the .txt file to read
+    label: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A cleaned, normalized sample with its features (before tokenization)."""
+
+    id: str
+    key: str
+    source: str
+    order: int
+    label: str | None
+    jpg: bytes | None = None
+    mel: Any = None  # np.ndarray float16 [n_mels, frames]
+    text: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    hashes: dict[str, str] = field(default_factory=dict)  # modality -> content hash (exact)
+    phash: int | None = None  # 64-bit perceptual hash of the image
+
+    @property
+    def content_signature(self) -> str:
+        """Same value iff every present modality has the same content (exact duplicates)."""
+        parts = [f"{m}={self.hashes.get(m, '-')}" for m in MODALITIES]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Reject:
+    id: str | None
+    source: str
+    order: int
+    stage: str
+    reason: str
+    detail: str = ""
+    duplicate_of: str | None = None
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "source": self.source,
+            "stage": self.stage,
+            "reason": self.reason,
+            "detail": self.detail[:500],
+            "duplicate_of": self.duplicate_of,
+        }
+
+
+def reject(row: RawRow | Sample, error: RecordError, duplicate_of: str | None = None) -> Reject:
+    return Reject(
+        id=row.id,
+        source=row.source,
+        order=row.order,
+        stage=REASONS[error.reason][0],
+        reason=error.reason,
+        detail=error.detail,
+        duplicate_of=duplicate_of,
+    )
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def make_key(sample_id: str) -> str:
+    """A tar/WebDataset/filesystem-safe key: sanitized prefix + 16 hex of sha256(id).
+
+    Distinct ids give distinct keys (64-bit digest); the prefix keeps keys readable.
+    """
+    prefix = _UNSAFE.sub("_", sample_id).strip("_")[:40] or "x"
+    digest = hashlib.sha256(sample_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{prefix}-{digest}"

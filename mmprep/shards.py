@@ -1,0 +1,139 @@
+"""The shard format (CONTRACT §2): deterministic, atomic WebDataset tar files.
+
+We write tars with the standard library's `tarfile` rather than webdataset's
+`TarWriter`: it is the same ustar format, keeps `mmprep/` free of the torch-side
+stack, and lets us pin every header field (mtime, uid/gid, names, mode) so equal
+input gives equal bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+FIELDS = ("cls", "jpg", "json", "mel.npy", "tokens.npy", "txt")  # the only members a shard may hold
+SPLITS = ("train", "val", "test")
+MTIME = 946684800  # 2000-01-01T00:00:00Z: fixed so shards are reproducible
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """Serialize an array as .npy (never pickled)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def dumps_json(obj: Any) -> bytes:
+    """Canonical JSON bytes: sorted keys, no whitespace variance, UTF-8."""
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def sample_members(
+    key: str,
+    *,
+    meta: dict[str, Any],
+    jpg: bytes | None = None,
+    mel: np.ndarray | None = None,
+    tokens: np.ndarray | None = None,
+    text: str | None = None,
+    label_id: int | None = None,
+) -> dict[str, bytes]:
+    """The tar members of one sample, as {field: bytes}; absent modalities have no member."""
+    members: dict[str, bytes] = {"json": dumps_json(meta)}
+    if jpg is not None:
+        members["jpg"] = jpg
+    if mel is not None:
+        members["mel.npy"] = npy_bytes(mel.astype(np.float16, copy=False))
+    if tokens is not None:
+        members["tokens.npy"] = npy_bytes(tokens.astype(np.int32, copy=False))
+    if text is not None:
+        members["txt"] = text.encode("utf-8")
+    if label_id is not None:
+        members["cls"] = str(int(label_id)).encode("ascii")
+    return members
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = MTIME
+    info.mode = 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info
+
+
+def write_shard(path: str, samples: Iterable[tuple[str, dict[str, bytes]]], opener=open) -> tuple[str, int]:
+    """Write samples (sorted by key here) to `path` atomically; return (sha256, bytes).
+
+    `opener(path, mode)` lets the pipeline pass Beam's FileSystems for remote outputs;
+    the temporary file is renamed only after the tar is complete.
+    """
+    ordered = sorted(samples, key=lambda kv: kv[0])
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in ordered:
+            for fld in sorted(members):
+                if fld not in FIELDS:
+                    raise ValueError(f"shard member field {fld!r} is not allowed")
+                data = members[fld]
+                tar.addfile(_tarinfo(f"{key}.{fld}", len(data)), io.BytesIO(data))
+    data = buf.getvalue()
+    write_atomic(path, data, opener)
+    return hashlib.sha256(data).hexdigest(), len(data)
+
+
+def write_atomic(path: str, data: bytes, opener=open) -> None:
+    """Write bytes to a temporary sibling, then rename over `path` (local files)."""
+    if opener is open:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        opener(path, data)
+
+
+def iter_shard(path_or_file) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {field: bytes}) from a shard, refusing anything not in FIELDS.
+
+    A pickle member or a path with '/' or '..' is an error, never executed or followed.
+    """
+    with tarfile.open(path_or_file, mode="r:") as tar:
+        current: str | None = None
+        members: dict[str, bytes] = {}
+        for info in tar:
+            name = info.name
+            if not info.isfile() or "/" in name or name.startswith(".."):
+                raise ValueError(f"unsafe tar member {name!r}")
+            key, _, fld = name.partition(".")
+            if fld not in FIELDS:
+                raise ValueError(f"refusing tar member {name!r}: field {fld!r} is not in the shard format")
+            if key != current and current is not None:
+                yield current, members
+                members = {}
+            current = key
+            extracted = tar.extractfile(info)
+            if extracted is None:
+                raise ValueError(f"tar member {name!r} has no data")
+            members[fld] = extracted.read()
+        if current is not None:
+            yield current, members
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
