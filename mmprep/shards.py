@@ -75,37 +75,56 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def write_shard(path: str, samples: Iterable[tuple[str, dict[str, bytes]]], opener=open) -> tuple[str, int]:
-    """Write samples (sorted by key here) to `path` atomically; return (sha256, bytes).
-
-    `opener(path, mode)` lets the pipeline pass Beam's FileSystems for remote outputs;
-    the temporary file is renamed only after the tar is complete.
-    """
-    ordered = sorted(samples, key=lambda kv: kv[0])
+def tar_bytes(samples: Iterable[tuple[str, dict[str, bytes]]]) -> bytes:
+    """The shard's bytes: samples sorted by key, members by field, fixed headers."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, members in ordered:
+        for key, members in sorted(samples, key=lambda kv: kv[0]):
             for fld in sorted(members):
                 if fld not in FIELDS:
                     raise ValueError(f"shard member field {fld!r} is not allowed")
                 data = members[fld]
                 tar.addfile(_tarinfo(f"{key}.{fld}", len(data)), io.BytesIO(data))
-    data = buf.getvalue()
-    write_atomic(path, data, opener)
+    return buf.getvalue()
+
+
+def member_bytes(members: dict[str, bytes]) -> int:
+    """Bytes a sample adds to a tar: a 512-byte header per member plus padded data."""
+    return sum(512 + -(-len(data) // 512) * 512 for data in members.values())
+
+
+def assign_shards(items: Iterable[tuple[str, str, int]], cfg) -> dict[str, int]:
+    """(split, key, size) → {key: shard index}: per split in key order, a new shard starts
+    when the next sample would pass cfg.max_samples or cfg.max_bytes (never leaving one empty)."""
+    by_split: dict[str, list[tuple[str, int]]] = {}
+    for split, key, size in items:
+        by_split.setdefault(split, []).append((key, size))
+    shard_of: dict[str, int] = {}
+    for split in sorted(by_split):
+        index, count, used = 0, 0, 1024  # a tar ends with two 512-byte zero blocks
+        for key, size in sorted(by_split[split]):
+            if count and (count + 1 > cfg.max_samples or used + size > cfg.max_bytes):
+                index, count, used = index + 1, 0, 1024
+            shard_of[key] = index
+            count, used = count + 1, used + size
+    return shard_of
+
+
+def write_shard(path: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> tuple[str, int]:
+    """Write a shard to a local path atomically; return (sha256, bytes)."""
+    data = tar_bytes(samples)
+    write_atomic(path, data)
     return hashlib.sha256(data).hexdigest(), len(data)
 
 
-def write_atomic(path: str, data: bytes, opener=open) -> None:
-    """Write bytes to a temporary sibling, then rename over `path` (local files)."""
-    if opener is open:
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    else:
-        opener(path, data)
+def write_atomic(path: str, data: bytes) -> None:
+    """Write bytes to a temporary sibling, then rename over `path` (a local file)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def iter_shard(path_or_file) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -113,7 +132,11 @@ def iter_shard(path_or_file) -> Iterator[tuple[str, dict[str, bytes]]]:
 
     A pickle member or a path with '/' or '..' is an error, never executed or followed.
     """
-    with tarfile.open(path_or_file, mode="r:") as tar:
+    if isinstance(path_or_file, str | os.PathLike):
+        opened = tarfile.open(path_or_file, mode="r:")
+    else:
+        opened = tarfile.open(fileobj=path_or_file, mode="r:")
+    with opened as tar:
         current: str | None = None
         members: dict[str, bytes] = {}
         for info in tar:

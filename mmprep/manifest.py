@@ -1,0 +1,157 @@
+"""Turning input rows (manifest lines/rows, directory listings) into RawRow records.
+
+Pure functions over already-read data: the pipeline does the I/O through Beam's
+FileSystems so paths can be local or cloud URIs. A row that cannot be parsed is a
+Reject with a reason, never an exception.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from mmprep.records import REASONS, RawRow, Reject
+
+MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"}
+AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".mp3"}
+TEXT_EXTS = {".txt"}
+MODALITY_COLUMNS = ("image", "audio", "text")
+
+
+def resolve_path(base: str, path: str) -> str:
+    """A manifest path relative to the manifest's folder, absolute, or a URI."""
+    if "://" in path or path.startswith("/"):
+        return path
+    return posixpath.join(base, path) if base else path
+
+
+def read_reject(source: str, order: int, reason: str, detail: str, sample_id: str | None = None) -> Reject:
+    return Reject(id=sample_id, source=source, order=order, stage=REASONS[reason][0], reason=reason, detail=detail)
+
+
+def parse_jsonl_line(line: bytes, source: str, order: int, base: str) -> RawRow | Reject:
+    """One manifest line. Invalid UTF-8 inside a value survives as lone surrogates,
+    so the text stage can reject exactly that field as `text_not_utf8`."""
+    try:
+        obj = json.loads(line.decode("utf-8", errors="surrogateescape"))
+    except ValueError as err:
+        return read_reject(source, order, "malformed_row", f"not valid JSON: {err}")
+    if not isinstance(obj, dict):
+        return read_reject(source, order, "malformed_row", f"a line must be a JSON object, got {type(obj).__name__}")
+    return parse_record(obj, source, order, base)
+
+
+def _scalar_str(value: Any) -> str | None:
+    """Ids and labels may arrive as integers (CSV/parquet inference); other types are bad fields."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise TypeError(type(value).__name__)
+
+
+def _is_null(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or value == ""
+
+
+def _json_safe(value: Any) -> Any:
+    """Extra columns travel into metadata; make them JSON-safe and deterministic."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return str(value)
+
+
+def parse_record(obj: dict[str, Any], source: str, order: int, base: str) -> RawRow | Reject:
+    """A row as a dict (from JSON, CSV or parquet) → RawRow, or a reject."""
+    raw_id = obj.get("id")
+    if _is_null(raw_id):
+        return read_reject(source, order, "missing_id", "the row has no 'id'")
+    try:
+        sample_id = _scalar_str(raw_id)
+    except TypeError as err:
+        return read_reject(source, order, "bad_field", f"'id' must be a string, got {err}")
+    fields: dict[str, str | None] = {}
+    for name in ("image", "audio", "text", "label"):
+        value = obj.get(name)
+        if _is_null(value):
+            fields[name] = None
+        elif isinstance(value, str) or (name == "label" and isinstance(value, int) and not isinstance(value, bool)):
+            fields[name] = str(value)
+        else:
+            detail = f"'{name}' must be a string, got {type(value).__name__}"
+            return read_reject(source, order, "bad_field", detail, sample_id)
+    if obj.get("text") == "":
+        fields["text"] = ""  # an empty caption was declared: the text stage rejects it as text_empty
+    if all(fields[m] is None for m in MODALITY_COLUMNS):
+        return read_reject(source, order, "no_modality", "no image, audio or text", sample_id)
+    extra = {k: _json_safe(v) for k, v in sorted(obj.items()) if k not in ("id", *MODALITY_COLUMNS, "label")}
+    return RawRow(
+        source=source,
+        order=order,
+        id=sample_id,
+        image=resolve_path(base, fields["image"]) if fields["image"] else None,
+        audio=resolve_path(base, fields["audio"]) if fields["audio"] else None,
+        text=fields["text"],
+        label=fields["label"],
+        extra=extra,
+    )
+
+
+def group_directory(paths: Iterable[str], root: str) -> Iterator[tuple[str, dict[str, list[str]]]]:
+    """Group files under `root` by stem: yields (relative stem, {ext-kind: [paths]}), sorted.
+
+    Hidden files (a leading dot in any component) are skipped.
+    """
+    root = root.rstrip("/")
+    groups: dict[str, dict[str, list[str]]] = {}
+    for path in paths:
+        rel = path[len(root) + 1 :] if path.startswith(root + "/") else posixpath.basename(path)
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue
+        stem, ext = posixpath.splitext(rel)
+        kind = _kind_of(ext.lower())
+        groups.setdefault(stem, {}).setdefault(kind, []).append(path)
+    for stem in sorted(groups):
+        yield stem, {k: sorted(v) for k, v in sorted(groups[stem].items())}
+
+
+def _kind_of(ext: str) -> str:
+    if ext in IMAGE_EXTS:
+        return "image"
+    if ext in AUDIO_EXTS:
+        return "audio"
+    if ext in TEXT_EXTS:
+        return "text"
+    return "other"
+
+
+def directory_row(stem: str, files: dict[str, list[str]], order: int, source: str) -> RawRow | Reject:
+    """One stem group → RawRow. `SRC/<label>/<stem>.<ext>` gives the label (ImageFolder)."""
+    for kind in MODALITY_COLUMNS:
+        if len(files.get(kind, [])) > 1:
+            names = ", ".join(posixpath.basename(p) for p in files[kind])
+            return read_reject(source, order, "bad_field", f"several {kind} files for one sample: {names}", stem)
+    if not any(kind in files for kind in MODALITY_COLUMNS):
+        names = ", ".join(posixpath.basename(p) for p in files.get("other", []))
+        return read_reject(source, order, "no_modality", f"no image, audio or text file ({names})", stem)
+    parts = stem.split("/")
+    label = parts[0] if len(parts) == 2 else None
+    return RawRow(
+        source=source,
+        order=order,
+        id=stem,
+        image=files.get("image", [None])[0],
+        audio=files.get("audio", [None])[0],
+        text_path=files.get("text", [None])[0],
+        label=label,
+    )
