@@ -1,0 +1,246 @@
+"""The embedded demo corpus: synthetic, deterministic, and built so only fusion solves it.
+
+label = f"{shape}-{pitch}-{colour}":
+  shape  (circle/square/triangle) is seen only in the image (drawn in a random colour),
+  pitch  (low/high) is heard only in the audio,
+  colour (red/blue) is read only in the text (English or Chinese, varied phrasings).
+No single modality determines the label (12 classes; one modality narrows it to 4 or 6).
+
+About `dirt_ratio` of the rows carry one defect each, of every kind the cleaner handles;
+`dirt.json` lists them with the reject reason mmprep must give (null: the row is kept).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import soundfile as sf
+
+SHAPES = ("circle", "square", "triangle")
+PITCHES = ("low", "high")
+COLOURS = ("red", "blue")
+ZH_COLOURS = {"red": "红色", "blue": "蓝色"}
+EN_TEMPLATES = (
+    "a {c} one, I think", "this looks {c}.", "Mostly {c}, with some noise around it", "I'd call it {c}",
+    "{C}!", "the colour here is {c}", "definitely {c}; no doubt", "something {c} over there",
+    "It is {c}.", "hmm... {c}, probably", "my guess: {c}", "Honestly it seems {c} to me",
+)
+ZH_TEMPLATES = ("这是{c}的", "我看到一个{c}的东西", "颜色是{c}", "好像是{c}。", "{c}，没错", "嗯……应该是{c}吧")
+FILLERS = ("", "", "", "well, ", "ok so ", "note: ", "look — ", "quick one: ")
+EN_SUFFIXES = ("", "", " near the window", " in this photo", " on the left", " today", " again", " as usual",
+               " from far away", " at night", " in the corner", ", I guess", " and bright", " under the lamp")
+ZH_SUFFIXES = ("", "", "，在窗边", "，今天", "，我觉得", "，看起来", "，在角落里", "，又一次", "，远远看去", "，很明显")
+ZH_PREFIXES = ("", "", "嗯，", "你看，", "说实话，", "好吧，")
+
+# kind -> expected reject reason (None: kept). Every kind appears in every corpus of >= 200 rows.
+DIRT: dict[str, str | None] = {
+    "truncated_image": "image_undecodable",
+    "zero_byte_image": "empty_file",
+    "non_image": "image_undecodable",
+    "silent_audio": "audio_silent",
+    "short_audio": "audio_too_short",
+    "nan_audio": "audio_nonfinite",
+    "empty_text": "text_empty",
+    "whitespace_text": "text_empty",
+    "invalid_utf8_text": "text_not_utf8",
+    "exact_duplicate": "duplicate",
+    "missing_file": "missing_file",
+    "malformed_line": "malformed_row",
+    "unknown_label": None,
+    "near_duplicate_image": None,
+    "unlabeled": None,
+}
+
+
+def _image(rng: np.random.Generator, shape: str) -> np.ndarray:
+    """A noisy BGR canvas with the shape inside the central square, in a random colour."""
+    h, w = (int(x) for x in rng.integers(56, 200, size=2))
+    side = min(h, w)
+    base = rng.uniform(30, 220, size=3)
+    ramp = np.linspace(-25, 25, w)[None, :, None] * rng.choice([-1, 1])
+    img = np.clip(base + ramp + rng.normal(0, 6, (h, w, 3)), 0, 255)
+    colour = rng.uniform(0, 255, size=3)
+    while abs(colour.mean() - base.mean()) < 70:  # visible in grayscale too
+        colour = rng.uniform(0, 255, size=3)
+    cx = w / 2 + rng.uniform(-0.08, 0.08) * side
+    cy = h / 2 + rng.uniform(-0.08, 0.08) * side
+    r = rng.uniform(0.22, 0.36) * side
+    angle = rng.uniform(0, 2 * np.pi)
+    if shape == "circle":
+        cv2.circle(img, (round(cx), round(cy)), round(r), colour.tolist(), -1, cv2.LINE_AA)
+    else:
+        n = 4 if shape == "square" else 3
+        pts = [(cx + r * np.cos(angle + 2 * np.pi * k / n), cy + r * np.sin(angle + 2 * np.pi * k / n)) for k in range(n)]
+        cv2.fillPoly(img, [np.round(pts).astype(np.int32)], colour.tolist(), cv2.LINE_AA)
+    return img.astype(np.uint8)
+
+
+def _encode_image(rng: np.random.Generator, img: np.ndarray) -> tuple[bytes, str]:
+    kind = rng.choice(["png", "jpg", "jpg", "gray", "rgba"], p=[0.3, 0.25, 0.3, 0.08, 0.07])
+    if kind == "jpg":
+        return cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(70, 96))])[1].tobytes(), "jpg"
+    if kind == "gray":
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+    elif kind == "rgba":
+        img = np.dstack([img, np.full(img.shape[:2], 255, np.uint8)])
+    return cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 6])[1].tobytes(), "png"
+
+
+def _tone(rng: np.random.Generator, pitch: str, sr: int, seconds: float) -> np.ndarray:
+    f0 = rng.uniform(180, 320) if pitch == "low" else rng.uniform(700, 1300)
+    t = np.arange(int(sr * seconds)) / sr
+    wave = sum(a * np.sin(2 * np.pi * f0 * k * t + rng.uniform(0, 6.3)) for k, a in ((1, 1.0), (2, 0.4), (3, 0.2)) if f0 * k < sr / 2)
+    envelope = np.minimum(1.0, t / 0.03) * np.minimum(1.0, (t[-1] - t + 1e-3) / 0.05)
+    wave = wave * envelope * (0.6 + 0.4 * np.sin(2 * np.pi * rng.uniform(0.5, 3) * t)) * rng.uniform(0.1, 0.6)
+    return wave + rng.normal(0, rng.uniform(0.005, 0.03), t.size)
+
+
+def _encode_audio(rng: np.random.Generator, wave: np.ndarray, sr: int) -> tuple[bytes, str]:
+    if rng.random() < 0.2:
+        wave = np.stack([wave, wave * rng.uniform(0.6, 1.0) + rng.normal(0, 0.005, wave.size)], axis=1)
+    fmt, subtype, ext = [("WAV", "PCM_16", "wav"), ("WAV", "PCM_24", "wav"), ("WAV", "FLOAT", "wav"), ("FLAC", "PCM_16", "flac")][
+        int(rng.choice(4, p=[0.35, 0.1, 0.1, 0.45]))
+    ]
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(wave, -1, 1).astype(np.float32), sr, format=fmt, subtype=subtype)
+    return buf.getvalue(), ext
+
+
+def _caption(rng: np.random.Generator, colour: str) -> str:
+    if rng.random() < 0.35:
+        core = str(rng.choice(ZH_TEMPLATES)).format(c=ZH_COLOURS[colour])
+        return str(rng.choice(ZH_PREFIXES)) + core + str(rng.choice(ZH_SUFFIXES))
+    core = str(rng.choice(EN_TEMPLATES)).format(c=colour, C=colour.upper())
+    text = str(rng.choice(FILLERS)) + core + str(rng.choice(EN_SUFFIXES))
+    return text.upper() if rng.random() < 0.05 else text
+
+
+def _sample_id(i: int) -> str:
+    variants = {7: f"demo {i:06d}", 11: f"样本-{i:06d}", 13: f"demo.{i:06d}", 17: f"demo/{i:06d}"}
+    return variants.get(i % 19, f"demo-{i:06d}")
+
+
+class _Writer:
+    """Writes media files under OUT/media and remembers manifest lines."""
+
+    def __init__(self, out: Path, rng: np.random.Generator) -> None:
+        self.out, self.rng = out, rng
+        (out / "media").mkdir(parents=True, exist_ok=True)
+        self.lines: list[bytes] = []
+
+    def put(self, name: str, data: bytes) -> str:
+        (self.out / "media" / name).write_bytes(data)
+        return f"media/{name}"
+
+    def sample(self, i: int, label: str) -> dict[str, Any]:
+        shape, pitch, colour = label.split("-")
+        img, ext = _encode_image(self.rng, _image(self.rng, shape))
+        sr = int(self.rng.choice([8000, 16000, 22050, 44100, 48000], p=[0.3, 0.4, 0.2, 0.05, 0.05]))
+        audio, aext = _encode_audio(self.rng, _tone(self.rng, pitch, sr, float(self.rng.uniform(0.6, 1.3))), sr)
+        return {
+            "id": _sample_id(i),
+            "image": self.put(f"{i:06d}.{ext}", img),
+            "audio": self.put(f"{i:06d}.{aext}", audio),
+            "text": _caption(self.rng, colour),
+            "label": label,
+        }
+
+
+def _line(row: dict[str, Any]) -> bytes:
+    return json.dumps(row, ensure_ascii=False).encode("utf-8")
+
+
+def _dirty(w: _Writer, kind: str, i: int, row: dict[str, Any], clean: list[dict[str, Any]]) -> bytes:
+    """Apply one defect to a fresh sample row; returns the manifest line."""
+    rng = w.rng
+    if kind == "truncated_image":
+        data = (w.out / row["image"]).read_bytes()
+        (w.out / row["image"]).write_bytes(data[: int(len(data) * 0.6)])
+    elif kind == "zero_byte_image":
+        (w.out / row["image"]).write_bytes(b"")
+    elif kind == "non_image":
+        row["image"] = w.put(f"{i:06d}-page.jpg", b"<!DOCTYPE html><html><head><title>404</title></head><body>Not Found</body></html>")
+    elif kind in ("silent_audio", "short_audio", "nan_audio"):
+        seconds = 0.05 if kind == "short_audio" else 1.0
+        wave = np.zeros(int(16000 * seconds), np.float32) if kind == "silent_audio" else _tone(rng, "low", 16000, seconds).astype(np.float32)
+        if kind == "nan_audio":
+            wave[rng.integers(0, wave.size, 5)] = np.nan
+        buf = io.BytesIO()
+        sf.write(buf, wave, 16000, format="WAV", subtype="FLOAT")
+        row["audio"] = w.put(f"{i:06d}-{kind}.wav", buf.getvalue())
+    elif kind == "empty_text":
+        row["text"] = ""
+    elif kind == "whitespace_text":
+        row["text"] = " \t\u3000 \n "
+    elif kind == "invalid_utf8_text":
+        row["text"] = "INVALID"
+        return _line(row).replace(b"INVALID", b"caf\xe9 \xff\xfe broken")
+    elif kind == "exact_duplicate":
+        original = clean[int(rng.integers(0, len(clean)))]
+        row.update({k: original[k] for k in ("image", "audio", "text", "label")})
+    elif kind == "missing_file":
+        row["image"] = f"media/{i:06d}-missing.png"
+    elif kind == "malformed_line":
+        return _line(row)[: int(rng.integers(10, 30))]
+    elif kind == "unknown_label":
+        row["label"] = "hexagon-mid-green"
+    elif kind == "unlabeled":
+        del row["label"]
+    return _line(row)
+
+
+def _near_duplicate(w: _Writer, i: int, original: dict[str, Any]) -> bytes:
+    """A resized, re-encoded copy of another row's image with its own caption and audio."""
+    img = cv2.imdecode(np.frombuffer((w.out / original["image"]).read_bytes(), np.uint8), cv2.IMREAD_COLOR)
+    scale = float(w.rng.uniform(0.6, 0.85))
+    small = cv2.resize(img, (max(40, round(img.shape[1] * scale)), max(40, round(img.shape[0] * scale))), interpolation=cv2.INTER_AREA)
+    row = w.sample(i, original["label"])
+    row["image"] = w.put(f"{i:06d}-near.jpg", cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 80])[1].tobytes())
+    return _line(row)
+
+
+def _plan(samples: int, dirt_ratio: float, rng: np.random.Generator) -> list[str]:
+    """Which dirt kind (or "clean") each row gets. The first 12 rows are clean, so exact and
+    near duplicates always have an earlier original; every kind appears at least once."""
+    head = min(12, samples)
+    per_kind = max(1, round(samples * dirt_ratio / len(DIRT)))
+    kinds = [k for k in DIRT for _ in range(per_kind)][: max(0, samples - head)]
+    rest = ["clean"] * (samples - head - len(kinds)) + kinds
+    return ["clean"] * head + [rest[j] for j in rng.permutation(len(rest))]
+
+
+def write_demo_corpus(out: str | Path, samples: int = 2000, seed: int = 0, dirt_ratio: float = 0.05) -> dict[str, Any]:
+    """Write OUT/manifest.jsonl, OUT/media/*, OUT/dirt.json; byte-identical per arguments."""
+    out = Path(out)
+    rng = np.random.Generator(np.random.PCG64(seed))
+    w = _Writer(out, rng)
+    labels = [f"{s}-{p}-{c}" for s in SHAPES for p in PITCHES for c in COLOURS]
+    balanced = [labels[i % len(labels)] for i in range(samples)]
+    rng.shuffle(balanced)
+    clean: list[dict[str, Any]] = []
+    dirt: list[dict[str, Any]] = []
+    for i, kind in enumerate(_plan(samples, dirt_ratio, rng)):
+        if kind == "near_duplicate_image":
+            original = clean[int(rng.integers(0, len(clean)))]
+            line = _near_duplicate(w, i, original)
+            dirt.append({"id": _sample_id(i), "line": i + 1, "kind": kind, "reason": None, "group": original["id"]})
+        else:
+            row = w.sample(i, balanced[i])
+            line = _line(row) if kind == "clean" else _dirty(w, kind, i, row, clean)
+            if kind == "clean":
+                clean.append(row)
+            else:
+                entry = {"id": row["id"], "line": i + 1, "kind": kind, "reason": DIRT[kind]}
+                if kind == "unknown_label":
+                    entry.update({"reason": None, "when_labels_fixed": "unknown_label"})
+                dirt.append(entry)
+        w.lines.append(line)
+    (out / "manifest.jsonl").write_bytes(b"\n".join(w.lines) + b"\n")
+    (out / "dirt.json").write_text(json.dumps(dirt, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    return {"rows": len(w.lines), "labels": dict(Counter(balanced)), "dirt": dict(Counter(d["kind"] for d in dirt))}

@@ -1,0 +1,206 @@
+"""Images: header-first bomb guard, robust OpenCV decoding, normalization, perceptual hash."""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mmprep.config import ImageConfig
+from mmprep.records import RecordError
+
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(2**30))  # process-wide backstop
+import cv2  # noqa: E402
+
+cv2.setNumThreads(1)  # Beam parallelizes across rows; per-image threads only contend
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    jpg: bytes
+    phash: int
+    meta: dict[str, Any]
+
+
+def _png(d: bytes) -> tuple[int, int]:
+    if d[12:16] != b"IHDR":
+        raise ValueError("PNG without IHDR")
+    return struct.unpack(">II", d[16:24])
+
+
+def _gif(d: bytes) -> tuple[int, int]:
+    return struct.unpack("<HH", d[6:10])
+
+
+def _bmp(d: bytes) -> tuple[int, int]:
+    if struct.unpack("<I", d[14:18])[0] == 12:
+        return struct.unpack("<HH", d[18:22])
+    w, h = struct.unpack("<ii", d[18:26])
+    return abs(w), abs(h)
+
+
+def _webp(d: bytes) -> tuple[int, int]:
+    chunk = d[12:16]
+    if chunk == b"VP8 ":
+        w, h = struct.unpack("<HH", d[26:30])
+        return w & 0x3FFF, h & 0x3FFF
+    if chunk == b"VP8L":
+        b = d[21:25]
+        w = 1 + (((b[1] & 0x3F) << 8) | b[0])
+        h = 1 + (((b[3] & 0x0F) << 10) | (b[2] << 2) | ((b[1] & 0xC0) >> 6))
+        return w, h
+    if chunk == b"VP8X":
+        w = 1 + int.from_bytes(d[24:27], "little")
+        h = 1 + int.from_bytes(d[27:30], "little")
+        return w, h
+    raise ValueError(f"unknown WebP chunk {chunk!r}")
+
+
+def _jpeg(d: bytes) -> tuple[int, int]:
+    """Walk the marker segments to the first SOFn frame header."""
+    i = 2
+    while i + 9 < len(d):
+        if d[i] != 0xFF:
+            raise ValueError("JPEG marker expected")
+        marker = d[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        length = struct.unpack(">H", d[i + 2 : i + 4])[0]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            h, w = struct.unpack(">HH", d[i + 5 : i + 9])
+            return w, h
+        i += 2 + length
+    raise ValueError("no JPEG frame header")
+
+
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "png", _png),
+    (b"\xff\xd8\xff", "jpeg", _jpeg),
+    (b"GIF87a", "gif", _gif),
+    (b"GIF89a", "gif", _gif),
+    (b"BM", "bmp", _bmp),
+)
+
+
+def read_image_size(data: bytes) -> tuple[str, int, int]:
+    """(format, width, height) from the header alone; nothing is decoded or allocated."""
+    parser, fmt = None, None
+    for magic, name, fn in _SIGNATURES:
+        if data.startswith(magic):
+            parser, fmt = fn, name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        parser, fmt = _webp, "webp"
+    if parser is None:
+        raise RecordError("image_undecodable", f"unsupported format or not an image (starts with {data[:8]!r})")
+    try:
+        width, height = parser(data)
+    except (ValueError, struct.error) as err:
+        raise RecordError("image_undecodable", f"{fmt}: unreadable header ({err})") from None
+    if width <= 0 or height <= 0:
+        raise RecordError("image_undecodable", f"{fmt}: header declares {width}x{height}")
+    return fmt, width, height
+
+
+def _complete(fmt: str, data: bytes) -> bool:
+    """A truncated PNG/JPEG decodes to a partly grey image in OpenCV; refuse it instead."""
+    if fmt == "png":
+        return data.rfind(b"IEND") > 0
+    if fmt == "jpeg":  # EOI after the last scan (an EXIF thumbnail's EOI sits before it)
+        sos = data.rfind(b"\xff\xda")
+        return sos > 0 and data.find(b"\xff\xd9", sos) > 0
+    return True
+
+
+def _to_rgb(img: np.ndarray) -> np.ndarray:
+    """Any decoded array (gray, BGR, BGRA, 16-bit) → 8-bit RGB; alpha composited on white."""
+    if img.dtype == np.uint16:
+        img = (img >> 8).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        img = cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    if img.shape[2] == 4:
+        alpha = img[:, :, 3:4].astype(np.float32) / 255.0
+        bgr = img[:, :, :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+        return cv2.cvtColor(np.round(bgr).astype(np.uint8), cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(img[:, :, :3], cv2.COLOR_BGR2RGB)
+
+
+def decode_image(data: bytes, cfg: ImageConfig) -> tuple[np.ndarray, dict[str, Any]]:
+    """Validated, oriented RGB uint8 pixels and the original's metadata."""
+    fmt, width, height = read_image_size(data)
+    if width * height > cfg.max_pixels:
+        raise RecordError("image_too_large", f"{width}x{height} exceeds max_pixels={cfg.max_pixels}")
+    if not _complete(fmt, data):
+        raise RecordError("image_undecodable", f"{fmt}: truncated file")
+    buf = np.frombuffer(data, np.uint8)
+    try:
+        raw = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+        has_alpha = raw is not None and raw.ndim == 3 and raw.shape[2] == 4
+        # IMREAD_COLOR applies EXIF orientation; UNCHANGED keeps alpha/16-bit (PNG/WebP/GIF rarely carry EXIF).
+        img = raw if has_alpha or (raw is not None and raw.dtype != np.uint8) else cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    except cv2.error as err:
+        raise RecordError("image_undecodable", f"{fmt}: {str(err).strip().splitlines()[-1]}") from None
+    if img is None or img.size == 0:
+        raise RecordError("image_undecodable", f"{fmt}: OpenCV could not decode it")
+    channels = 1 if raw is None or raw.ndim == 2 else raw.shape[2]
+    rgb = _to_rgb(img)
+    h, w = rgb.shape[:2]
+    if min(h, w) < cfg.min_side:
+        raise RecordError("image_too_small", f"{w}x{h}, shorter side below min_side={cfg.min_side}")
+    if max(h, w) / min(h, w) > cfg.max_aspect:
+        raise RecordError("image_bad_aspect", f"{w}x{h} beyond max_aspect={cfg.max_aspect}")
+    meta = {"format": fmt, "width": int(w), "height": int(h), "channels": int(channels), "bit_depth": 16 if raw is not None and raw.dtype == np.uint16 else 8}
+    return rgb, meta
+
+
+def resize_crop(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Shorter side → size (area filter when shrinking), then a centre square crop."""
+    h, w = rgb.shape[:2]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    resized = cv2.resize(rgb, (nw, nh), interpolation=interp)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return np.ascontiguousarray(resized[top : top + size, left : left + size])
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RecordError("image_undecodable", "JPEG encoding failed")
+    return buf.tobytes()
+
+
+def phash(rgb: np.ndarray) -> int:
+    """64-bit DCT perceptual hash: resized or re-encoded copies land within a few bits."""
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    small = cv2.resize(gray, (32, 32), interpolation=cv2.INTER_AREA)
+    low = cv2.dct(small)[:8, :8].flatten()
+    bits = low > np.median(low[1:])
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+def hamming(a: int, b: int) -> int:
+    return (a ^ b).bit_count()
+
+
+def process_image(data: bytes, cfg: ImageConfig) -> ImageResult:
+    rgb, meta = decode_image(data, cfg)
+    out = resize_crop(rgb, cfg.size)
+    return ImageResult(jpg=encode_jpeg(out, cfg.jpeg_quality), phash=phash(rgb), meta=meta)
+
+
+def decode_jpg(jpg: bytes) -> np.ndarray:
+    """Our normalized JPEG → RGB uint8 HxWx3 (for statistics and inference)."""
+    img = cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError("not a JPEG written by mmprep")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)

@@ -1,0 +1,183 @@
+"""Hostile input and leak-free splits, through the real Beam pipeline."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import soundfile as sf
+import yaml
+
+from pipelines.prepare import main as prepare_main
+
+PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
+
+
+def png(rng: np.random.Generator, h: int = 80, w: int = 96) -> bytes:
+    img = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    cv2.circle(img, (w // 2, h // 2), min(h, w) // 3, (0, 0, 255), -1)
+    return cv2.imencode(".png", img)[1].tobytes()
+
+
+def wav(rng: np.random.Generator, seconds: float = 0.8, sr: int = 22050, nan: bool = False) -> bytes:
+    t = np.arange(int(seconds * sr)) / sr
+    y = (0.5 * np.sin(2 * np.pi * 440 * t) + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+    if nan:
+        y[100] = np.nan
+    buf = io.BytesIO()
+    sf.write(buf, y, sr, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
+def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + b"\x00" * 64
+
+
+def write_manifest(folder: Path, lines: list[bytes]) -> Path:
+    path = folder / "manifest.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def params_with(tmp_path: Path, **prepare: object) -> Path:
+    """params.yaml with some `prepare` keys changed (small corpora need a looser link cap)."""
+    data = yaml.safe_load(PARAMS.read_text())
+    data["prepare"].update(prepare)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def prepare(manifest: Path, out: Path, params: Path = PARAMS) -> tuple[list[dict], list[dict], dict]:
+    assert prepare_main(["--input", str(manifest), "--output", str(out), "--params", str(params)]) == 0
+    manifest_rows = pq.read_table(out / "manifest.parquet").to_pylist()
+    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+    return manifest_rows, rejects, json.loads((out / "dataset.json").read_text())
+
+
+def j(**obj) -> bytes:
+    return json.dumps(obj, ensure_ascii=False).encode()
+
+
+def test_hostile_corpus_finishes_and_accounts_for_every_row(tmp_path):
+    rng = np.random.default_rng(0)
+    media = tmp_path / "m"
+    media.mkdir()
+    (media / "ok.png").write_bytes(png(rng))
+    (media / "ok.wav").write_bytes(wav(rng))
+    (media / "bomb.png").write_bytes(bomb_png())
+    (media / "page.jpg").write_bytes(b"<!DOCTYPE html><html><body>not an image</body></html>")
+    (media / "zero.png").write_bytes(b"")
+    (media / "zero.wav").write_bytes(b"")
+    (media / "nan.wav").write_bytes(wav(rng, nan=True))
+    (media / "trunc.png").write_bytes(png(rng)[:300])
+    lines = [
+        j(id="good/1", image="m/ok.png", audio="m/ok.wav", text="a fine sample", label="a"),
+        j(id="../../etc/passwd", image="m/ok.png", text="path traversal id", label="b"),
+        j(id="with space 和 中文", audio="m/ok.wav", text="spaces and CJK", label="a"),
+        j(id="bomb", image="m/bomb.png", label="a"),
+        j(id="html", image="m/page.jpg", label="a"),
+        j(id="zero-img", image="m/zero.png", label="a"),
+        j(id="zero-wav", audio="m/zero.wav", label="a"),
+        j(id="nan", audio="m/nan.wav", label="a"),
+        j(id="trunc", image="m/trunc.png", label="a"),
+        b'{"id": "utf8", "text": "bad \xff\xfe bytes", "label": "a"}',
+        j(id="good/1", text="a duplicate id", label="a"),
+        b'{"id": "broken", "image": ',
+        j(id=42, text=["not", "a", "string"], label="a"),
+        j(id="typed", image=12, label="a"),
+        j(id="missing", image="m/does-not-exist.png", label="a"),
+        j(id="nothing", label="a"),
+        j(text="no id at all"),
+        j(id="blank", text="   \t  ", label="a"),
+        b"[1, 2, 3]",
+    ]
+    manifest, rejects, ds = prepare(write_manifest(tmp_path, lines), tmp_path / "out")
+    assert len(manifest) + len(rejects) == len(lines)
+    reasons = {(r["id"], r["reason"]) for r in rejects}
+    expected = {
+        ("bomb", "image_too_large"),
+        ("html", "image_undecodable"),
+        ("zero-img", "empty_file"),
+        ("zero-wav", "empty_file"),
+        ("nan", "audio_nonfinite"),
+        ("trunc", "image_undecodable"),
+        ("utf8", "text_not_utf8"),
+        ("good/1", "duplicate_id"),
+        (None, "malformed_row"),
+        ("42", "bad_field"),
+        ("typed", "bad_field"),
+        ("missing", "missing_file"),
+        ("nothing", "no_modality"),
+        (None, "missing_id"),
+        ("blank", "text_empty"),
+    }
+    assert expected <= reasons, expected - reasons
+    kept = {r["id"]: r for r in manifest}
+    assert set(kept) == {"good/1", "../../etc/passwd", "with space 和 中文"}
+    assert all(set(r["key"]) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-") for r in manifest)
+    dup = next(r for r in rejects if r["reason"] == "duplicate_id")
+    assert dup["duplicate_of"] == "good/1" and dup["source"] == "manifest.jsonl:11"
+    assert ds["counts"]["rejects"]["malformed_row"] == 2
+
+
+def test_too_many_rejects_fail_the_run_with_a_clear_message(tmp_path, capsys):
+    lines = [j(id=f"r{i}", image="nope.png") for i in range(5)] + [j(id="ok", text="fine", label="a")]
+    out = tmp_path / "out"
+    code = prepare_main(["--input", str(write_manifest(tmp_path, lines)), "--output", str(out), "--params", str(PARAMS)])
+    assert code == 1
+    assert "exceeds prepare.max_reject_ratio=0.5" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (out / "dataset.json").exists()  # the directory never looks complete
+    assert pq.read_table(out / "rejects.parquet").num_rows == 5
+
+
+def test_one_image_under_several_captions_and_a_resized_copy_share_a_split(tmp_path):
+    rng = np.random.default_rng(1)
+    media = tmp_path / "m"
+    media.mkdir()
+    lines = []
+    for i in range(60):
+        (media / f"{i}.png").write_bytes(png(np.random.default_rng(100 + i)))
+        lines.append(j(id=f"s{i}", image=f"m/{i}.png", text=f"caption number {i} about things", label="ab"[i % 2]))
+    shared = png(rng, 120, 160)
+    (media / "shared.png").write_bytes(shared)
+    img = cv2.imdecode(np.frombuffer(shared, np.uint8), cv2.IMREAD_COLOR)
+    small = cv2.resize(img, (80, 60), interpolation=cv2.INTER_AREA)
+    (media / "shared-small.jpg").write_bytes(cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes())
+    group = [f"dup{i}" for i in range(6)]
+    for i, gid in enumerate(group[:5]):
+        lines.append(j(id=gid, image="m/shared.png", text=f"a different caption {i}", label="ab"[i % 2]))
+    lines.append(j(id=group[5], image="m/shared-small.jpg", text="the resized copy", label="a"))
+    params = params_with(tmp_path, max_link_share=0.2)  # 6 of 66 samples share one image
+    manifest, rejects, _ = prepare(write_manifest(tmp_path, lines), tmp_path / "out", params)
+    assert not rejects
+    splits = {r["id"]: r["split"] for r in manifest}
+    assert len({splits[g] for g in group}) == 1
+    assert len(set(splits.values())) == 3  # the rest still spreads over train/val/test
+
+
+def test_directory_layout_with_label_folders(tmp_path):
+    rng = np.random.default_rng(2)
+    for label in ("cat", "dog"):
+        (tmp_path / "src" / label).mkdir(parents=True)
+        for i in range(4):
+            stem = tmp_path / "src" / label / f"{label}_{i}"
+            stem.with_suffix(".png").write_bytes(png(np.random.default_rng(10 * (label == "dog") + i)))
+            stem.with_suffix(".wav").write_bytes(wav(rng))
+            stem.with_suffix(".txt").write_bytes(f"a {label} number {i}".encode())
+    (tmp_path / "src" / "cat" / "bad.txt").write_bytes(b"\xff\xfe")
+    out = tmp_path / "out"
+    assert prepare_main(["--input", str(tmp_path / "src"), "--output", str(out), "--params", str(PARAMS)]) == 0
+    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+    assert len(manifest) == 8 and {r["label"] for r in manifest} == {"cat", "dog"}
+    assert all(r["has_image"] and r["has_audio"] and r["has_text"] for r in manifest)
+    assert [(r["id"], r["reason"]) for r in rejects] == [("cat/bad", "text_not_utf8")]
