@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from mmprep.config import ConfigError, load_params
@@ -27,7 +28,15 @@ def _demo_corpus(argv: list[str]) -> int:
     return 0
 
 
+class _QuietBeamImport(logging.Filter):
+    """Beam logs a warning about optional GCP clients at import; it is noise for local runs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "apitools not found" not in record.getMessage()
+
+
 def _prepare(argv: list[str]) -> int:
+    logging.getLogger().addFilter(_QuietBeamImport())
     from pipelines.prepare import main
 
     return main(argv)

@@ -100,7 +100,8 @@ def test_hostile_corpus_finishes_and_accounts_for_every_row(tmp_path):
         j(id="blank", text="   \t  ", label="a"),
         b"[1, 2, 3]",
     ]
-    manifest, rejects, ds = prepare(write_manifest(tmp_path, lines), tmp_path / "out")
+    params = params_with(tmp_path, max_reject_ratio=1.0)  # a corpus that is mostly hostile on purpose
+    manifest, rejects, ds = prepare(write_manifest(tmp_path, lines), tmp_path / "out", params)
     assert len(manifest) + len(rejects) == len(lines)
     reasons = {(r["id"], r["reason"]) for r in rejects}
     expected = {
