@@ -27,11 +27,13 @@ PITCHES = ("low", "high")
 COLOURS = ("red", "blue")
 ZH_COLOURS = {"red": "红色", "blue": "蓝色"}
 EN_TEMPLATES = (
-    "a {c} one, I think", "this looks {c}.", "Mostly {c}, with some noise around it", "I'd call it {c}",
-    "{C}!", "the colour here is {c}", "definitely {c}; no doubt", "something {c} over there",
-    "It is {c}.", "hmm... {c}, probably", "my guess: {c}", "Honestly it seems {c} to me",
+    "a {c} {n}, I think", "this {n} looks {c}.", "Mostly {c}, with some noise around the {n}", "I'd call that {n} {c}",
+    "{C} {n}!", "the colour of the {n} is {c}", "definitely a {c} {n}; no doubt", "something {c} over there",
+    "It is {c}.", "hmm... {c}, probably", "my guess for the {n}: {c}", "Honestly the {n} seems {c} to me",
 )
-ZH_TEMPLATES = ("这是{c}的", "我看到一个{c}的东西", "颜色是{c}", "好像是{c}。", "{c}，没错", "嗯……应该是{c}吧")
+EN_NOUNS = ("thing", "object", "item", "blob", "patch", "spot", "mark", "sticker", "toy", "card", "piece", "sign")
+ZH_TEMPLATES = ("这个{n}是{c}的", "我看到一个{c}的{n}", "{n}的颜色是{c}", "好像是{c}。", "{c}的{n}，没错", "嗯……应该是{c}吧")
+ZH_NOUNS = ("东西", "物体", "图案", "标记", "贴纸", "玩具", "卡片", "小块")
 FILLERS = ("", "", "", "well, ", "ok so ", "note: ", "look — ", "quick one: ")
 EN_SUFFIXES = ("", "", " near the window", " in this photo", " on the left", " today", " again", " as usual",
                " from far away", " at night", " in the corner", ", I guess", " and bright", " under the lamp")
@@ -63,8 +65,17 @@ def _image(rng: np.random.Generator, shape: str) -> np.ndarray:
     h, w = (int(x) for x in rng.integers(56, 200, size=2))
     side = min(h, w)
     base = rng.uniform(30, 220, size=3)
-    ramp = np.linspace(-25, 25, w)[None, :, None] * rng.choice([-1, 1])
-    img = np.clip(base + ramp + rng.normal(0, 6, (h, w, 3)), 0, 255)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.broadcast_to(base, (h, w, 3)).copy()
+    for _ in range(2):  # two random-direction colour gradients: varied low frequencies
+        theta = rng.uniform(0, 2 * np.pi)
+        ramp = (np.cos(theta) * xx / w + np.sin(theta) * yy / h)[..., None]
+        img += ramp * rng.uniform(-60, 60, size=3)
+    for _ in range(int(rng.integers(0, 4))):  # thin distractor lines
+        p1 = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+        p2 = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+        cv2.line(img, p1, p2, rng.uniform(0, 255, size=3).tolist(), 1, cv2.LINE_AA)
+    img = np.clip(img + rng.normal(0, 6, (h, w, 3)), 0, 255)
     colour = rng.uniform(0, 255, size=3)
     while abs(colour.mean() - base.mean()) < 70:  # visible in grayscale too
         colour = rng.uniform(0, 255, size=3)
@@ -114,9 +125,9 @@ def _encode_audio(rng: np.random.Generator, wave: np.ndarray, sr: int) -> tuple[
 
 def _caption(rng: np.random.Generator, colour: str) -> str:
     if rng.random() < 0.35:
-        core = str(rng.choice(ZH_TEMPLATES)).format(c=ZH_COLOURS[colour])
+        core = str(rng.choice(ZH_TEMPLATES)).format(c=ZH_COLOURS[colour], n=rng.choice(ZH_NOUNS))
         return str(rng.choice(ZH_PREFIXES)) + core + str(rng.choice(ZH_SUFFIXES))
-    core = str(rng.choice(EN_TEMPLATES)).format(c=colour, C=colour.upper())
+    core = str(rng.choice(EN_TEMPLATES)).format(c=colour, C=colour.upper(), n=rng.choice(EN_NOUNS))
     text = str(rng.choice(FILLERS)) + core + str(rng.choice(EN_SUFFIXES))
     return text.upper() if rng.random() < 0.05 else text
 

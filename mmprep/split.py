@@ -34,8 +34,13 @@ class SplitResult:
 
 
 class _UnionFind:
-    def __init__(self, n: int) -> None:
+    """Union-find whose components never grow past `cap` samples: a link that would glue
+    more together is refused (and reported by the caller)."""
+
+    def __init__(self, n: int, cap: int) -> None:
         self.parent = list(range(n))
+        self.size = [1] * n
+        self.cap = cap
 
     def find(self, i: int) -> int:
         while self.parent[i] != i:
@@ -43,10 +48,16 @@ class _UnionFind:
             i = self.parent[i]
         return i
 
-    def union(self, a: int, b: int) -> None:
+    def union(self, a: int, b: int) -> bool:
         ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
+        if ra == rb:
+            return True
+        if self.size[ra] + self.size[rb] > self.cap:
+            return False
+        lo, hi = min(ra, rb), max(ra, rb)
+        self.parent[hi] = lo
+        self.size[lo] += self.size[hi]
+        return True
 
 
 def _cap(n: int, cfg: PrepareConfig) -> int:
@@ -59,13 +70,13 @@ def _link_exact(items: Sequence[LinkInfo], cfg: PrepareConfig, uf: _UnionFind, i
         for modality, digest in item.links:
             if modality in cfg.link_modalities:
                 members[(modality, digest)].append(i)
-    cap = _cap(len(items), cfg)
     for (modality, digest), idx in sorted(members.items()):
-        if len(idx) > cap:
-            ignored.append({"modality": modality, "hash": digest[:16], "samples": len(idx)})
+        if len(idx) > uf.cap:
+            ignored.append({"modality": modality, "hash": digest[:16], "samples": len(idx), "why": "shared too widely"})
             continue
-        for j in idx[1:]:
-            uf.union(idx[0], j)
+        refused = sum(not uf.union(idx[0], j) for j in idx[1:])
+        if refused:
+            ignored.append({"modality": modality, "hash": digest[:16], "samples": len(idx), "why": "would glue a too-large group"})
 
 
 def _link_phash(items: Sequence[LinkInfo], cfg: PrepareConfig, uf: _UnionFind, ignored: list[dict]) -> None:
@@ -75,7 +86,6 @@ def _link_phash(items: Sequence[LinkInfo], cfg: PrepareConfig, uf: _UnionFind, i
     d = cfg.phash_distance
     bands = d + 1
     width = 64 // bands
-    cap = _cap(len(items), cfg)
     hashed = [(i, it.phash) for i, it in enumerate(items) if it.phash is not None]
     pairs: set[tuple[int, int]] = set()
     for band in range(bands):
@@ -86,62 +96,67 @@ def _link_phash(items: Sequence[LinkInfo], cfg: PrepareConfig, uf: _UnionFind, i
         for i, h in hashed:
             buckets[(h >> shift) & mask].append((i, h))
         for value, bucket in sorted(buckets.items()):
-            if len(bucket) > cap:
+            if len(bucket) > 64 * uf.cap:  # a degenerate band value (e.g. blank images)
                 ignored.append({"modality": "image_phash_band", "hash": f"{band}:{value:x}", "samples": len(bucket)})
                 continue
             for x in range(len(bucket)):
                 for y in range(x + 1, len(bucket)):
                     (i, hi), (j, hj) = bucket[x], bucket[y]
-                    if (hi ^ hj).bit_count() <= d:
-                        pairs.add((i, j))
-    for i, j in sorted(pairs):
-        uf.union(i, j)
+                    dist = (hi ^ hj).bit_count()
+                    if dist <= d:
+                        pairs.add((dist, i, j))
+    refused = [(dist, i, j) for dist, i, j in sorted(pairs) if not uf.union(i, j)]  # closest pairs first
+    if refused:
+        ignored.append({"modality": "image_phash", "hash": "", "samples": len(refused), "why": "neighbour links refused: they would glue a too-large group"})
 
 
 def _salted(salt: str, text: str) -> str:
     return hashlib.sha256(f"{salt}|{text}".encode()).hexdigest()
 
 
-def _targets(cfg: PrepareConfig) -> list[tuple[str, float]]:
-    return [(s, cfg.splits.get(s, 0.0)) for s in SPLIT_ORDER if cfg.splits.get(s, 0.0) > 0]
+def _targets(cfg: PrepareConfig) -> dict[str, float]:
+    return {s: cfg.splits.get(s, 0.0) for s in SPLIT_ORDER if cfg.splits.get(s, 0.0) > 0}
 
 
-def _assign_stratum(groups: list[tuple[str, int, str]], cfg: PrepareConfig) -> dict[str, str]:
-    """groups: (salted hash, size, group id) → split per group.
+def _assign_groups(groups: list[tuple[str, Counter]], cfg: PrepareConfig) -> dict[str, str]:
+    """Greedy stratified group assignment (as in stratified group k-fold).
 
-    Walk groups in hash order; each goes to the split whose cumulative target share its
-    midpoint falls in, so every label's proportions track the targets closely."""
+    Groups are visited largest first, ties in salted-hash order (the "random" part);
+    each goes to the split with the largest remaining deficit for the labels it holds,
+    so every label's proportions and the overall sizes track the targets closely."""
     targets = _targets(cfg)
-    total = sum(size for _, size, _ in groups)
-    bounds, acc = [], 0.0
-    for name, ratio in targets:
-        acc += ratio
-        bounds.append((name, acc))
-    out, seen = {}, 0
-    for _, size, gid in sorted(groups):
-        mid = (seen + size / 2) / total
-        out[gid] = next((name for name, bound in bounds if mid <= bound + 1e-12), bounds[-1][0])
-        seen += size
+    totals: Counter = Counter()
+    for _, labels in groups:
+        totals.update(labels)
+    n = sum(totals.values())
+    have = {s: Counter() for s in targets}
+    size = dict.fromkeys(targets, 0)
+    order = sorted(groups, key=lambda g: (-sum(g[1].values()), _salted(cfg.split_salt, g[0])))
+    out: dict[str, str] = {}
+    for gid, labels in order:
+        count = sum(labels.values())
+
+        def deficit(split: str, labels: Counter = labels, count: int = count) -> float:
+            per_label = sum(c * (targets[split] * totals[lab] - have[split][lab]) / totals[lab] for lab, c in labels.items())
+            return per_label + count * (targets[split] * n - size[split]) / n
+
+        best = max(targets, key=lambda s: (round(deficit(s), 9), -SPLIT_ORDER.index(s)))
+        out[gid] = best
+        have[best].update(labels)
+        size[best] += count
     return out
 
 
 def assign_splits(items: Sequence[LinkInfo], cfg: PrepareConfig) -> SplitResult:
     items = sorted(items, key=lambda it: it.key)
-    uf = _UnionFind(len(items))
+    uf = _UnionFind(len(items), _cap(len(items), cfg))
     ignored: list[dict] = []
     _link_exact(items, cfg, uf, ignored)
     _link_phash(items, cfg, uf, ignored)
     members: dict[int, list[int]] = defaultdict(list)
     for i in range(len(items)):
         members[uf.find(i)].append(i)
-    strata: dict[str, list[tuple[str, int, str]]] = defaultdict(list)
-    for root, idx in members.items():
-        gid = items[root].key  # the root is the smallest index, i.e. the smallest key
-        labels = Counter(items[i].label or "" for i in idx)
-        label = min(labels, key=lambda lab: (-labels[lab], lab))
-        strata[label].append((_salted(cfg.split_salt, gid), len(idx), gid))
-    group_split: dict[str, str] = {}
-    for label in sorted(strata):
-        group_split.update(_assign_stratum(strata[label], cfg))
+    groups = [(items[root].key, Counter(items[i].label or "" for i in idx)) for root, idx in members.items()]
+    group_split = _assign_groups(groups, cfg)  # a group is named by its smallest key (the root)
     split_of = {items[i].key: group_split[items[root].key] for root, idx in members.items() for i in idx}
     return SplitResult(split_of=split_of, groups=len(members), ignored_links=ignored)

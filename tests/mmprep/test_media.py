@@ -1,0 +1,204 @@
+"""Per-record media functions: what a user would notice about decoded, cleaned, normalized data."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+import soundfile as sf
+
+from mmprep.audio import process_audio
+from mmprep.config import AudioConfig, ImageConfig
+from mmprep.image import decode_jpg, hamming, process_image, read_image_size
+from mmprep.records import RecordError
+from mmprep.text import decode_text, normalize_text, text_link_key
+
+IMG = ImageConfig(size=32, max_pixels=10_000_000)
+AUD = AudioConfig(sample_rate=16000, clip_seconds=1.0, n_mels=40, n_fft=512, hop_length=256, min_duration=0.2)
+
+
+def scene(h: int = 90, w: int = 120) -> np.ndarray:
+    """BGR: left half dark blue, right half bright red, a white disc at the centre."""
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:, : w // 2] = (120, 20, 20)
+    img[:, w // 2 :] = (20, 20, 220)
+    cv2.circle(img, (w // 2, h // 2), min(h, w) // 4, (255, 255, 255), -1)
+    return img
+
+
+def enc(ext: str, img: np.ndarray, *params: int) -> bytes:
+    return cv2.imencode(ext, img, list(params))[1].tobytes()
+
+
+def exif_orientation_jpeg(img: np.ndarray, orientation: int) -> bytes:
+    """A JPEG with an APP1 Exif segment holding one Orientation tag."""
+    tiff = b"MM\x00\x2a\x00\x00\x00\x08" + struct.pack(">H", 1) + struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0) + b"\x00\x00\x00\x00"
+    app1 = b"Exif\x00\x00" + tiff
+    data = enc(".jpg", img, cv2.IMWRITE_JPEG_QUALITY, 95)
+    return data[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + data[2:]
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    chunk = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        enc(".png", scene()),
+        enc(".jpg", scene()),
+        enc(".jpg", scene(), cv2.IMWRITE_JPEG_PROGRESSIVE, 1),
+        enc(".bmp", scene()),
+        enc(".webp", scene(), cv2.IMWRITE_WEBP_QUALITY, 90),
+        enc(".png", cv2.cvtColor(scene(), cv2.COLOR_BGR2GRAY)),
+        enc(".png", scene().astype(np.uint16) * 257),
+        enc(".png", np.dstack([scene(), np.full((90, 120), 255, np.uint8)])),
+    ],
+    ids=["png", "jpeg", "progressive", "bmp", "webp", "gray", "png16", "rgba"],
+)
+def test_every_format_normalizes_to_rgb_jpeg_of_the_configured_size(data):
+    fmt, w, h = read_image_size(data)
+    assert (w, h) == (120, 90)
+    result = process_image(data, IMG)
+    rgb = decode_jpg(result.jpg)
+    assert rgb.shape == (32, 32, 3)
+    assert result.meta["width"] == 120 and result.meta["height"] == 90
+    if result.meta["channels"] != 1:  # colour survives: left blue, right red (RGB order)
+        assert rgb[16, 2, 2] > rgb[16, 2, 0] and rgb[16, 29, 0] > rgb[16, 29, 2]
+
+
+def test_exif_orientation_is_honoured():
+    img = scene(60, 120)
+    rotated = process_image(exif_orientation_jpeg(img, 6), ImageConfig(size=32))
+    assert (rotated.meta["width"], rotated.meta["height"]) == (60, 120)  # 90° turn: portrait now
+
+
+def test_transparent_pixels_become_white():
+    rgba = np.zeros((40, 40, 4), np.uint8)
+    rgba[..., :3] = (0, 0, 255)  # pure red but fully transparent
+    out = decode_jpg(process_image(enc(".png", rgba), ImageConfig(size=32)).jpg)
+    assert out.mean() > 240
+
+
+def test_bomb_header_is_refused_before_decoding():
+    with pytest.raises(RecordError, match="image_too_large"):
+        process_image(bomb_png(100_000, 100_000), IMG)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"<!DOCTYPE html><html>nope</html>", "image_undecodable"),
+        (enc(".jpg", scene())[:400], "image_undecodable"),
+        (enc(".png", scene())[:300], "image_undecodable"),
+        (b"\x89PNG\r\n\x1a\n", "image_undecodable"),
+        (enc(".png", scene(8, 200)), "image_too_small"),
+        (enc(".png", scene(20, 400)), "image_bad_aspect"),
+    ],
+    ids=["html", "truncated-jpeg", "truncated-png", "png-magic-only", "small", "aspect"],
+)
+def test_bad_images_are_rejects_with_reasons(data, reason):
+    with pytest.raises(RecordError, match=reason):
+        process_image(data, IMG)
+
+
+def test_phash_links_resized_reencoded_copies_not_different_images():
+    a = scene()
+    b = scene()
+    cv2.rectangle(b, (5, 5), (60, 80), (0, 255, 0), -1)
+    small = cv2.resize(a, (80, 60), interpolation=cv2.INTER_AREA)
+    ha = process_image(enc(".png", a), IMG).phash
+    assert hamming(ha, process_image(enc(".jpg", small, cv2.IMWRITE_JPEG_QUALITY, 70), IMG).phash) <= 6
+    assert hamming(ha, process_image(enc(".png", b), IMG).phash) > 10
+
+
+def test_image_output_is_deterministic():
+    data = enc(".jpg", scene())
+    assert process_image(data, IMG).jpg == process_image(data, IMG).jpg
+
+
+def tone(sr: int, seconds: float, freq: float = 440.0, channels: int = 1) -> np.ndarray:
+    t = np.arange(int(sr * seconds)) / sr
+    y = 0.3 * np.sin(2 * np.pi * freq * t)
+    return np.stack([y] * channels, axis=1) if channels > 1 else y
+
+
+def wav_bytes(y: np.ndarray, sr: int, fmt: str = "WAV", subtype: str = "PCM_16") -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, y, sr, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("subtype", ["PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT", "DOUBLE"])
+@pytest.mark.parametrize(("sr", "channels"), [(8000, 1), (22050, 2), (44100, 1), (48000, 2)])
+def test_wav_of_any_depth_rate_and_channels_gives_fixed_logmel(subtype, sr, channels):
+    feats = process_audio(wav_bytes(tone(sr, 0.7, channels=channels), sr, "WAV", subtype), AUD).features
+    assert feats.dtype == np.float16 and feats.shape == (40, 1 + 16000 // 256)
+    assert np.isfinite(feats.astype(np.float32)).all()
+
+
+def test_flac_and_ogg_decode():
+    for fmt, subtype in (("FLAC", "PCM_16"), ("OGG", "VORBIS")):
+        result = process_audio(wav_bytes(tone(16000, 0.5), 16000, fmt, subtype), AUD)
+        assert result.meta["format"] == fmt
+
+
+def test_pitch_shows_in_the_mel_bins():
+    low = process_audio(wav_bytes(tone(16000, 1.0, 200), 16000), AUD).features.astype(np.float32)
+    high = process_audio(wav_bytes(tone(16000, 1.0, 2000), 16000), AUD).features.astype(np.float32)
+    assert low.mean(axis=1).argmax() < high.mean(axis=1).argmax()
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda: wav_bytes(np.where(np.arange(8000) == 50, np.nan, tone(16000, 0.5)), 16000, "WAV", "FLOAT"), "audio_nonfinite"),
+        (lambda: wav_bytes(np.zeros(16000), 16000), "audio_silent"),
+        (lambda: wav_bytes(tone(16000, 0.05), 16000), "audio_too_short"),
+        (lambda: b"RIFF\x00\x00\x00\x00WAVEjunk", "audio_undecodable"),
+        (lambda: b"<html>not audio</html>", "audio_undecodable"),
+    ],
+    ids=["nan", "silent", "short", "bad-riff", "html"],
+)
+def test_bad_audio_is_a_reject_with_a_reason(make, reason):
+    with pytest.raises(RecordError, match=reason):
+        process_audio(make(), AUD)
+
+
+def test_too_long_is_cropped_or_rejected_per_policy():
+    data = wav_bytes(tone(8000, 3.0), 8000)
+    cfg = AudioConfig(max_duration=2.0, clip_seconds=0, n_mels=40, hop_length=256)
+    assert process_audio(data, cfg).features.shape[1] == 1 + 2 * 16000 // 256
+    with pytest.raises(RecordError, match="audio_too_long"):
+        process_audio(data, AudioConfig(max_duration=2.0, too_long="reject"))
+
+
+def test_mfcc_option_and_determinism():
+    data = wav_bytes(tone(22050, 0.8), 22050)
+    cfg = AudioConfig(feature="mfcc", n_mfcc=13, n_mels=40)
+    assert process_audio(data, cfg).features.shape[0] == 13
+    assert process_audio(data, AUD).features.tobytes() == process_audio(data, AUD).features.tobytes()
+
+
+def test_text_decoding_and_normalization():
+    assert decode_text("\ufeffhello".encode()) == "hello"
+    with pytest.raises(RecordError, match="text_not_utf8"):
+        decode_text(b"caf\xe9")
+    with pytest.raises(RecordError, match="text_not_utf8"):
+        decode_text("bad \udcff")
+    assert normalize_text("  A&amp;B\u200b \t\n ｆｕｌｌ\x07width  ", 100) == ("A&B fullwidth", False)
+    assert normalize_text("我看到一个红色的东西 😀", 100)[0] == "我看到一个红色的东西 😀"
+    assert normalize_text("x" * 50, 10) == ("x" * 10, True)
+    for empty in ("", "   ", "\u200b\x00", "&nbsp;"):
+        with pytest.raises(RecordError, match="text_empty"):
+            normalize_text(empty, 100)
+
+
+def test_text_link_key_ignores_case_and_punctuation():
+    assert text_link_key("A red ball.") == text_link_key("a  RED ball")
+    assert text_link_key("a red ball") != text_link_key("a blue ball")
