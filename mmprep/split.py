@@ -13,6 +13,8 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from mmprep.config import PrepareConfig
 
 SPLIT_ORDER = ("train", "val", "test")
@@ -80,31 +82,32 @@ def _link_exact(items: Sequence[LinkInfo], cfg: PrepareConfig, uf: _UnionFind, i
 
 
 def _link_phash(items: Sequence[LinkInfo], cfg: PrepareConfig, uf: _UnionFind, ignored: list[dict]) -> None:
-    """Multi-index hashing: with d+1 bands, two hashes within d bits agree on some band."""
+    """Multi-index hashing: with d+1 bands, two hashes within d bits agree on some band;
+    candidates in a band bucket are compared all-pairs with numpy popcounts."""
     if "image" not in cfg.link_modalities:
         return
     d = cfg.phash_distance
+    index = np.array([i for i, it in enumerate(items) if it.phash is not None], dtype=np.int64)
+    hashes = np.array([items[i].phash for i in index], dtype=np.uint64)
     bands = d + 1
     width = 64 // bands
-    hashed = [(i, it.phash) for i, it in enumerate(items) if it.phash is not None]
-    pairs: set[tuple[int, int]] = set()
+    pairs: set[tuple[int, int, int]] = set()
     for band in range(bands):
         shift = band * width
         bits = 64 - shift if band == bands - 1 else width
-        mask = (1 << bits) - 1
-        buckets: dict[int, list[tuple[int, int]]] = defaultdict(list)
-        for i, h in hashed:
-            buckets[(h >> shift) & mask].append((i, h))
-        for value, bucket in sorted(buckets.items()):
-            if len(bucket) > 64 * uf.cap:  # a degenerate band value (e.g. blank images)
-                ignored.append({"modality": "image_phash_band", "hash": f"{band}:{value:x}", "samples": len(bucket)})
+        values = (hashes >> np.uint64(shift)) & np.uint64((1 << bits) - 1)
+        order = np.argsort(values, kind="stable")
+        cuts = np.flatnonzero(np.diff(values[order])) + 1
+        for bucket in np.split(order, cuts):
+            if len(bucket) < 2:
                 continue
-            for x in range(len(bucket)):
-                for y in range(x + 1, len(bucket)):
-                    (i, hi), (j, hj) = bucket[x], bucket[y]
-                    dist = (hi ^ hj).bit_count()
-                    if dist <= d:
-                        pairs.add((dist, i, j))
+            if len(bucket) > 64 * uf.cap:  # a degenerate band value (e.g. blank images)
+                ignored.append({"modality": "image_phash_band", "hash": f"{band}", "samples": len(bucket), "why": "shared too widely"})
+                continue
+            h = hashes[bucket]
+            dist = np.bitwise_count(h[:, None] ^ h[None, :])
+            for a, b in zip(*np.nonzero(np.triu(dist <= d, 1)), strict=True):
+                pairs.add((int(dist[a, b]), int(index[bucket[a]]), int(index[bucket[b]])))
     refused = [(dist, i, j) for dist, i, j in sorted(pairs) if not uf.union(i, j)]  # closest pairs first
     if refused:
         ignored.append({"modality": "image_phash", "hash": "", "samples": len(refused), "why": "neighbour links refused: they would glue a too-large group"})
