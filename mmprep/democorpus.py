@@ -70,18 +70,18 @@ def _image(rng: np.random.Generator, shape: str) -> np.ndarray:
     for _ in range(2):  # two random-direction colour gradients: varied low frequencies
         theta = rng.uniform(0, 2 * np.pi)
         ramp = (np.cos(theta) * xx / w + np.sin(theta) * yy / h)[..., None]
-        img += ramp * rng.uniform(-60, 60, size=3)
-    for _ in range(int(rng.integers(0, 4))):  # thin distractor lines
+        img += ramp * rng.uniform(-35, 35, size=3)
+    for _ in range(int(rng.integers(0, 3))):  # thin distractor lines
         p1 = (int(rng.integers(0, w)), int(rng.integers(0, h)))
         p2 = (int(rng.integers(0, w)), int(rng.integers(0, h)))
         cv2.line(img, p1, p2, rng.uniform(0, 255, size=3).tolist(), 1, cv2.LINE_AA)
     img = np.clip(img + rng.normal(0, 6, (h, w, 3)), 0, 255)
     colour = rng.uniform(0, 255, size=3)
-    while abs(colour.mean() - base.mean()) < 70:  # visible in grayscale too
+    while abs(colour.mean() - base.mean()) < 80:  # visible in grayscale too
         colour = rng.uniform(0, 255, size=3)
     cx = w / 2 + rng.uniform(-0.08, 0.08) * side
     cy = h / 2 + rng.uniform(-0.08, 0.08) * side
-    r = rng.uniform(0.22, 0.36) * side
+    r = rng.uniform(0.28, 0.40) * side
     angle = rng.uniform(0, 2 * np.pi)
     if shape == "circle":
         cv2.circle(img, (round(cx), round(cy)), round(r), colour.tolist(), -1, cv2.LINE_AA)

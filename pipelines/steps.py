@@ -195,5 +195,5 @@ class MomentsFn(beam.CombineFn):
         return out
 
     def extract_output(self, acc):
-        mean, std = acc.mean_std()
+        mean, std = acc.mean_std(255.0 if self.modality == "image" else 1.0)  # images on the [0, 1] scale
         return {"mean": mean, "std": std, "count": int(acc.count)}

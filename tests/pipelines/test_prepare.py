@@ -109,7 +109,9 @@ def test_webdataset_client_reads_exactly_the_manifest(prepared):
 
 def test_dataset_json_describes_the_data(prepared):
     ds = json.loads((prepared / "dataset.json").read_text())
-    assert len(ds["features"]["image"]["mean"]) == 3
+    image = ds["features"]["image"]
+    assert len(image["mean"]) == 3  # on the [0, 1] scale, as the loader divides pixels by 255
+    assert all(0 < m < 1 and 0 < s < 1 for m, s in zip(image["mean"], image["std"], strict=True))
     assert len(ds["features"]["audio"]["std"]) == ds["features"]["audio"]["bins"]
     assert ds["counts"]["kept"] == sum(ds["counts"]["splits"].values())
     for name, info in ds["shards"].items():

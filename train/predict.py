@@ -1,0 +1,55 @@
+"""Classify one raw sample through the very same mmprep functions the Beam pipeline used."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmprep.config import params_from_dict
+from mmprep.records import RawRow, Reject
+from train import data as D
+from train.evaluate import load_run
+
+
+def predict(run_dir: str, image: str | None = None, audio: str | None = None, text: str | None = None) -> dict[str, Any]:
+    from mmprep.process import process_row
+    from mmprep.tokenizer import Tokenizer
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, prep, spec = load_run(run_dir, device)
+    cfg = params_from_dict({"prepare": spec["params"]["prepare"]}).prepare
+    row = RawRow(source="predict", order=0, id="predict", image=image, audio=audio, text=text)
+    loaded: dict[str, Any] = {m: Path(p).read_bytes() for m, p in (("image", image), ("audio", audio)) if p}
+    if text is not None:
+        loaded["text"] = text
+    sample = process_row(row, loaded, _unlabeled(cfg))
+    if isinstance(sample, Reject):
+        raise ValueError(f"the input is unusable: {sample.reason} ({sample.detail})")
+    raw: dict[str, Any] = {"key": "predict", "label": -1}
+    if sample.jpg is not None:
+        from mmprep.image import decode_jpg
+
+        raw["image"] = np.ascontiguousarray(decode_jpg(sample.jpg).transpose(2, 0, 1))
+    if sample.mel is not None:
+        raw["audio"] = np.asarray(sample.mel, dtype=np.float32)
+    if sample.text is not None:
+        tok = Tokenizer.from_file(os.path.join(run_dir, "tokenizer.model"))
+        raw["text"] = tok.encode(sample.text, cfg.text.max_tokens).astype(np.int64)
+    batch = {k: v.to(device) for k, v in D.collate([raw], D.Shapes.from_spec(spec)).items()}
+    with torch.no_grad():
+        image_t, audio_t = prep(batch, augment=False)
+        probs = torch.softmax(model(image_t, audio_t, batch["text"], batch["present"]).float(), dim=1)[0].cpu()
+    labels = spec["labels"]
+    best = int(probs.argmax())
+    return {"label": labels[best], "probabilities": {lab: float(p) for lab, p in zip(labels, probs, strict=True)}}
+
+
+def _unlabeled(cfg):
+    """Inference rows carry no label: never reject them for that."""
+    from dataclasses import replace
+
+    return replace(cfg, label=replace(cfg.label, unlabeled="keep", labels=()))
