@@ -196,6 +196,7 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
     if main:
         _export(run_dir, data_dir, model, cfg, spec, history, result)
         if live is not None:
+            live.log_image("curves.png", os.path.join(run_dir, "curves.png"))  # renders offline, unlike vega HTML
             live.end()
     if world > 1:
         dist.barrier()
