@@ -11,8 +11,15 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from mmprep.manifest import MANIFEST_SUFFIXES, directory_row, group_directory, parse_jsonl_line, parse_record, read_reject
-from mmprep.records import RawRow, Reject, RecordError
+from mmprep.manifest import (
+    MANIFEST_SUFFIXES,
+    directory_row,
+    group_directory,
+    parse_jsonl_line,
+    parse_record,
+    read_reject,
+)
+from mmprep.records import RawRow, RecordError, Reject
 
 REJECTS = "rejects"
 

@@ -12,7 +12,7 @@ from apache_beam.metrics import Metrics
 
 from mmprep.config import PrepareConfig
 from mmprep.process import process_row
-from mmprep.records import RawRow, Reject, RecordError, Sample, reject
+from mmprep.records import RawRow, RecordError, Reject, Sample, reject
 from mmprep.shards import member_bytes, sample_members
 from mmprep.split import LinkInfo
 from pipelines.read import REJECTS, load_media

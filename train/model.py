@@ -59,7 +59,7 @@ class Fusion(nn.Module):
             self.logits = nn.Parameter(torch.zeros(3))
         if kind == "attention":
             self.cls = nn.Parameter(torch.zeros(1, 1, width))
-            self.type = nn.Parameter(torch.randn(1, 3, width) * 0.02)
+            self.modality_embed = nn.Parameter(torch.randn(1, 3, width) * 0.02)
             self.layer = nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.1, batch_first=True, norm_first=True)
         self.out_dim = {"concat": 3 * width, "weighted_sum": width, "product": 7 * width, "attention": width}[kind]
 
@@ -74,7 +74,7 @@ class Fusion(nn.Module):
         if self.kind == "product":
             a, b, c = z[:, 0], z[:, 1], z[:, 2]
             return torch.cat([a, b, c, a * b, a * c, b * c, a * b * c], dim=1)
-        tokens = torch.cat([self.cls.expand(z.shape[0], -1, -1), z + self.type], dim=1)
+        tokens = torch.cat([self.cls.expand(z.shape[0], -1, -1), z + self.modality_embed], dim=1)
         pad = torch.cat([torch.zeros_like(present[:, :1]), ~present], dim=1)
         return self.layer(tokens, src_key_padding_mask=pad)[:, 0]
 

@@ -186,12 +186,11 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
             if val_acc > best or math.isnan(val_acc):
                 best = val_acc if not math.isnan(val_acc) else best
                 save_atomic({"model": model.state_dict()}, os.path.join(run_dir, "checkpoints", "best.pt"))
-            _checkpoint(last_path, model, optimizer, scheduler, step, epoch + 1, best, world, main)
-        if world > 1:
-            dist.barrier()
+        _checkpoint(last_path, model, optimizer, scheduler, step, epoch + 1, best, world, main)  # collective: all ranks
         if step >= total:
             break
 
+    print(f"[train] rank {rank}/{world} done: {step} steps of {batches} batches per epoch", file=sys.stderr)
     result = {"steps": step, "epochs": epochs, "best_val_accuracy": best, "world_size": world}
     if main:
         _export(run_dir, data_dir, model, cfg, spec, history, result)
