@@ -36,11 +36,14 @@ def test_dvc_repro_end_to_end_then_noop(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
     tracked_copy(repo)
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["demo_corpus"]["samples"] = 240
     params["train"]["epochs"] = 2
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = ["git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "clone"], cwd=repo, check=True)  # like a fresh clone
     dvc(repo, "repro")
     dataset = json.loads((repo / "data" / "prepared" / "dataset.json").read_text())
     assert dataset["counts"]["kept"] > 200
@@ -51,3 +54,18 @@ def test_dvc_repro_end_to_end_then_noop(tmp_path):
         assert "accuracy" in dvc(repo, "metrics", "show")
     again = dvc(repo, "repro")
     assert "up to date" in again or "didn't change" in again, again
+    assert (repo / "dvclive" / "plots" / "images" / "curves.png").stat().st_size > 1000  # renders offline
+
+    # predict: one raw demo sample through the same preprocessing as the pipeline
+    row = json.loads((repo / "data" / "demo_corpus" / "manifest.jsonl").read_bytes().splitlines()[0])  # the file holds invalid UTF-8 on purpose
+    media = repo / "data" / "demo_corpus"
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    cmd = [sys.executable, "-m", "mmprep.cli", "predict", "--model", str(repo / "runs" / "demo"),
+           "--image", str(media / row["image"]), "--audio", str(media / row["audio"]), "--text", row["text"]]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout.splitlines()
+    assert out[0] in dataset["labels"] and len(out) == 1 + len(dataset["labels"])
+
+    # an experiment with another fusion module
+    dvc(repo, "exp", "run", "-S", "train.fusion=attention")
+    table = dvc(repo, "exp", "show", "--csv")
+    assert "attention" in table and "accuracy" in table, table

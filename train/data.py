@@ -66,17 +66,28 @@ def _raise(exn: Exception) -> bool:
     raise ShardError(f"unreadable shard data: {exn}") from exn
 
 
-def read_shards(urls: list[str]) -> Iterator[dict[str, Any]]:
-    """Samples of the given shards in order, raw members only (no default decoders)."""
+def read_shards(urls: list[str], index: dict[str, dict] | None = None) -> Iterator[dict[str, Any]]:
+    """Samples of the given shards in order, raw members only (no default decoders).
+
+    `index` is dataset.json's "shards" table: a local shard whose size differs, or any shard
+    that yields fewer samples than recorded, raises ShardError. (tar streams end silently
+    at a truncation point, so the count is what catches it.)"""
     for url in urls:
+        info = (index or {}).get(os.path.basename(url))
+        if info and os.path.exists(url) and os.path.getsize(url) != info["bytes"]:
+            raise ShardError(f"{url}: {os.path.getsize(url)} bytes but dataset.json records {info['bytes']} (truncated or replaced)")
         ds = wds.WebDataset([url], shardshuffle=False, nodesplitter=None, workersplitter=None, handler=_raise, empty_check=False)
+        count = 0
         try:
             for raw in ds:
+                count += 1
                 yield decode_sample(raw)
         except ShardError:
             raise
-        except Exception as err:  # tarfile/EOF errors from a truncated or corrupt file
+        except Exception as err:  # tarfile/EOF errors from a corrupt file
             raise ShardError(f"{url}: truncated or corrupt shard ({type(err).__name__}: {err})") from err
+        if info and count != info["samples"]:
+            raise ShardError(f"{url}: truncated shard, {count} of {info['samples']} samples")
 
 
 @dataclass(frozen=True)
@@ -131,9 +142,10 @@ class TrainStream(IterableDataset):
     cycles its shards until its quota is met, so uneven shards never starve a rank."""
 
     def __init__(self, urls: list[str], shapes: Shapes, batch_size: int, batches: int, seed: int, epoch: int,
-                 rank: int = 0, world: int = 1, buffer: int = 1000) -> None:
+                 rank: int = 0, world: int = 1, buffer: int = 1000, index: dict[str, dict] | None = None) -> None:
         self.urls, self.shapes, self.batch_size, self.batches = urls, shapes, batch_size, batches
         self.seed, self.epoch, self.rank, self.world, self.buffer = seed, epoch, rank, world, buffer
+        self.index = index
 
     def _slot(self) -> tuple[int, int, int]:
         info = get_worker_info()
@@ -146,9 +158,9 @@ class TrainStream(IterableDataset):
         rng.shuffle(urls)
         while True:
             if len(urls) >= slots:
-                yield from read_shards(urls[slot::slots])
+                yield from read_shards(urls[slot::slots], self.index)
             else:
-                for i, s in enumerate(read_shards(urls)):
+                for i, s in enumerate(read_shards(urls, self.index)):
                     if i % slots == slot:
                         yield s
             rng.shuffle(urls)
@@ -172,12 +184,12 @@ class TrainStream(IterableDataset):
 class EvalStream(IterableDataset):
     """Every sample of a split once, in shard order (for validation and evaluation)."""
 
-    def __init__(self, urls: list[str], shapes: Shapes, batch_size: int) -> None:
-        self.urls, self.shapes, self.batch_size = urls, shapes, batch_size
+    def __init__(self, urls: list[str], shapes: Shapes, batch_size: int, index: dict[str, dict] | None = None) -> None:
+        self.urls, self.shapes, self.batch_size, self.index = urls, shapes, batch_size, index
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         batch: list[dict[str, Any]] = []
-        for s in read_shards(self.urls):
+        for s in read_shards(self.urls, self.index):
             batch.append(s)
             if len(batch) == self.batch_size:
                 yield collate(batch, self.shapes)

@@ -78,11 +78,11 @@ def evaluate(data_dir: str, run_dir: str, output_json: str, cfg: EvaluateConfig)
     urls = D.shard_urls(data_dir, data_spec, cfg.split)
     shapes = D.Shapes.from_spec(spec)
     names = spec["labels"]
-    y, p = predictions(model, prep, D.EvalStream(urls, shapes, cfg.batch_size), device)
+    y, p = predictions(model, prep, D.EvalStream(urls, shapes, cfg.batch_size, data_spec.get("shards")), device)
     metrics = {"split": cfg.split, "samples": int(len(y)), **scores(y, p, names)}
     metrics["ablation"] = {}
     for name, index in ABLATIONS.items():
-        ya, pa = predictions(model, prep, D.EvalStream(urls, shapes, cfg.batch_size), device, only=index)
+        ya, pa = predictions(model, prep, D.EvalStream(urls, shapes, cfg.batch_size, data_spec.get("shards")), device, only=index)
         metrics["ablation"][name] = {"accuracy": float((ya == pa).mean()) if len(ya) else 0.0, "samples": int(len(ya))}
     os.makedirs(os.path.dirname(os.path.abspath(output_json)), exist_ok=True)
     tmp = f"{output_json}.tmp"

@@ -138,11 +138,13 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
     fwd = torch.compile(net) if cfg.compile else net
     live = _live(run_dir, live_dir, resume=step > 0) if main else None
     history: list[dict[str, float]] = []
+    speed = {"samples": 0, "seconds": 0.0, "wait": 0.0}
 
     # loop
     for epoch in range(start_epoch, epochs):
         skip = step - epoch * batches  # batches of this epoch already trained before a resume
-        stream = D.TrainStream(train_urls, shapes, cfg.batch_size, batches, cfg.seed, epoch, rank, world, cfg.shuffle_buffer)
+        stream = D.TrainStream(train_urls, shapes, cfg.batch_size, batches, cfg.seed, epoch, rank, world, cfg.shuffle_buffer,
+                               spec.get("shards"))
         it = iter(D.loader(stream, cfg.num_workers, cfg.seed + epoch, pin=cuda))
         net.train()
         timer = {"wait": 0.0, "start": time.perf_counter(), "samples": 0, "loss": 0.0, "n": 0}
@@ -165,7 +167,7 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
             scheduler.step()
             step += 1
             timer["samples"] += batch["label"].shape[0] * world
-            timer["loss"] += float(loss.detach())
+            timer["loss"] += loss.detach()  # a tensor: no device sync per step
             timer["n"] += 1
             if main and (step % cfg.log_every == 0 or step == total):
                 _progress(step, total, timer, scheduler.get_last_lr()[0], cuda)
@@ -174,11 +176,12 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
             if step >= total:
                 break
         del it
+        _account(speed, timer, first=epoch == start_epoch, cuda=cuda)
 
         # metrics (rank 0 validates on the whole val split; the others wait)
         if main:
             val_acc = validate(model, prep, data_dir, spec, shapes, device) if spec["splits"]["val"]["samples"] else float("nan")
-            row = {"epoch": epoch + 1, "step": step, "train_loss": timer["loss"] / max(1, timer["n"]), "val_accuracy": val_acc,
+            row = {"epoch": epoch + 1, "step": step, "train_loss": float(timer["loss"]) / max(1, timer["n"]), "val_accuracy": val_acc,
                    "lr": scheduler.get_last_lr()[0]}
             history.append(row)
             print(f"[train] epoch {epoch + 1}/{epochs} loss {row['train_loss']:.4f} val_accuracy {val_acc:.4f}", file=sys.stderr)
@@ -191,7 +194,9 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
             break
 
     print(f"[train] rank {rank}/{world} done: {step} steps of {batches} batches per epoch", file=sys.stderr)
-    result = {"steps": step, "epochs": epochs, "best_val_accuracy": best, "world_size": world}
+    result = {"steps": step, "epochs": epochs, "best_val_accuracy": best, "world_size": world,
+              "samples_per_s": round(speed["samples"] / max(speed["seconds"], 1e-9), 1),
+              "data_wait": round(speed["wait"] / max(speed["seconds"], 1e-9), 4)}
     if main:
         _export(run_dir, data_dir, model, cfg, spec, history, result)
         if live is not None:
@@ -207,7 +212,7 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
 def validate(model, prep, data_dir, spec, shapes, device, split: str = "val") -> float:
     model.eval()
     correct = count = 0
-    for batch in D.EvalStream(D.shard_urls(data_dir, spec, split), shapes, 256):
+    for batch in D.EvalStream(D.shard_urls(data_dir, spec, split), shapes, 256, spec.get("shards")):
         batch = {k: v.to(device) for k, v in batch.items()}
         image, audio = prep(batch, augment=False)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -231,11 +236,25 @@ def _checkpoint(path, model, optimizer, scheduler, step, epoch, best, world, mai
                      "step": step, "epoch": epoch, "best": best, "rng": state}, path)
 
 
+def _account(speed: dict, timer: dict, first: bool, cuda: bool) -> None:
+    """Throughput over whole epochs; the first epoch of a process (warm-up) counts only if alone."""
+    if cuda:
+        torch.cuda.synchronize()
+    if first and speed["seconds"]:
+        return
+    if not first and speed.get("warmup_only"):
+        speed.update(samples=0, seconds=0.0, wait=0.0, warmup_only=False)
+    speed["samples"] += timer["samples"]
+    speed["seconds"] += time.perf_counter() - timer["start"]
+    speed["wait"] += timer["wait"]
+    speed["warmup_only"] = first
+
+
 def _progress(step: int, total: int, timer: dict, lr: float, cuda: bool) -> None:
     if cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - timer["start"]
-    print(f"[train] step {step}/{total} loss {timer['loss'] / max(1, timer['n']):.4f} lr {lr:.2e} "
+    print(f"[train] step {step}/{total} loss {float(timer['loss']) / max(1, timer['n']):.4f} lr {lr:.2e} "
           f"{timer['samples'] / elapsed:.0f} samples/s data-wait {timer['wait'] / elapsed:.1%}", file=sys.stderr, flush=True)
 
 

@@ -125,8 +125,12 @@ def test_a_pickle_member_is_refused_without_unpickling(tmp_path):
 
 
 def test_a_truncated_shard_is_reported_not_silently_shortened(tiny, tmp_path):
+    index = D.load_spec(str(tiny))["shards"]
     data = (tiny / "train-000000.tar").read_bytes()
     cut = tmp_path / "train-000000.tar"
     cut.write_bytes(data[: len(data) // 2 + 100])
-    with pytest.raises(D.ShardError, match="train-000000.tar"):
-        list(D.read_shards([str(cut)]))
+    with pytest.raises(D.ShardError, match=r"train-000000.tar: \d+ bytes but dataset.json records"):
+        list(D.read_shards([str(cut)], index))
+    remote_like = {"train-000000.tar": {**index["train-000000.tar"], "bytes": len(data) // 2 + 100}}
+    with pytest.raises(D.ShardError, match=r"train-000000.tar: truncated shard, \d+ of 128 samples"):
+        list(D.read_shards([str(cut)], remote_like))  # size unknown up front: the count catches it
