@@ -205,5 +205,6 @@ def batches_per_epoch(spec: dict[str, Any], split: str, batch_size: int, world: 
 
 def loader(dataset: IterableDataset, num_workers: int, seed: int, pin: bool) -> DataLoader:
     """Batches are built inside the dataset; a private generator keeps the global RNG untouched."""
+    extra = {"prefetch_factor": 4} if num_workers > 0 else {}
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin,
-                      generator=torch.Generator().manual_seed(seed), persistent_workers=False)
+                      generator=torch.Generator().manual_seed(seed), **extra)

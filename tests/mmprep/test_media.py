@@ -55,11 +55,12 @@ def bomb_png(width: int, height: int) -> bytes:
         enc(".jpg", scene(), cv2.IMWRITE_JPEG_PROGRESSIVE, 1),
         enc(".bmp", scene()),
         enc(".webp", scene(), cv2.IMWRITE_WEBP_QUALITY, 90),
+        enc(".gif", scene()),
         enc(".png", cv2.cvtColor(scene(), cv2.COLOR_BGR2GRAY)),
         enc(".png", scene().astype(np.uint16) * 257),
         enc(".png", np.dstack([scene(), np.full((90, 120), 255, np.uint8)])),
     ],
-    ids=["png", "jpeg", "progressive", "bmp", "webp", "gray", "png16", "rgba"],
+    ids=["png", "jpeg", "progressive", "bmp", "webp", "gif", "gray", "png16", "rgba"],
 )
 def test_every_format_normalizes_to_rgb_jpeg_of_the_configured_size(data):
     fmt, w, h = read_image_size(data)
@@ -142,8 +143,8 @@ def test_wav_of_any_depth_rate_and_channels_gives_fixed_logmel(subtype, sr, chan
     assert np.isfinite(feats.astype(np.float32)).all()
 
 
-def test_flac_and_ogg_decode():
-    for fmt, subtype in (("FLAC", "PCM_16"), ("OGG", "VORBIS")):
+def test_flac_ogg_and_mp3_decode():
+    for fmt, subtype in (("FLAC", "PCM_16"), ("OGG", "VORBIS"), ("MP3", "MPEG_LAYER_III")):
         result = process_audio(wav_bytes(tone(16000, 0.5), 16000, fmt, subtype), AUD)
         assert result.meta["format"] == fmt
 
