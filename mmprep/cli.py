@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, OSError, ValueError) as err:  # bad params, unreadable input/shards: one line
         print(f"mmprep {argv[0]}: error: {err}", file=sys.stderr)
         return 2
 

@@ -25,7 +25,7 @@ ALLOWED = {"jpg", "mel.npy", "tokens.npy", "txt", "cls", "json"}
 MODALITIES = ("image", "audio", "text")
 
 
-class ShardError(RuntimeError):
+class ShardError(OSError):
     """A shard is unreadable, truncated, or holds a member we refuse to decode."""
 
 

@@ -19,6 +19,8 @@ ABLATIONS = {"image_only": 0, "audio_only": 1, "text_only": 2}
 
 def load_run(run_dir: str, device: torch.device) -> tuple[FusionModel, Preprocess, dict[str, Any]]:
     """Model + preprocessing from a self-contained run directory (weights_only loading)."""
+    if not os.path.isfile(os.path.join(run_dir, "dataset.json")):
+        raise FileNotFoundError(f"{run_dir}: not a run directory written by `mmprep train` (no dataset.json)")
     spec = D.load_spec(run_dir)
     config_path = os.path.join(run_dir, "train_config.json")
     if not os.path.isfile(config_path):

@@ -127,6 +127,7 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
     last_path = os.path.join(run_dir, "checkpoints", "last.pt")
     if os.path.exists(last_path):
         ckpt = load_checkpoint(last_path)
+        _check_same_run(ckpt.get("config", {}), cfg, last_path)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -172,7 +173,7 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
             if main and (step % cfg.log_every == 0 or step == total):
                 _progress(step, total, timer, scheduler.get_last_lr()[0], cuda)
             if step % cfg.checkpoint_every == 0 or step == total:
-                _checkpoint(last_path, model, optimizer, scheduler, step, epoch + (index + 1 == batches), best, world, main)
+                _checkpoint(last_path, model, optimizer, scheduler, step, epoch + (index + 1 == batches), best, world, main, asdict(cfg))
             if step >= total:
                 break
         del it
@@ -189,7 +190,7 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
             if val_acc > best or math.isnan(val_acc):
                 best = val_acc if not math.isnan(val_acc) else best
                 save_atomic({"model": model.state_dict()}, os.path.join(run_dir, "checkpoints", "best.pt"))
-        _checkpoint(last_path, model, optimizer, scheduler, step, epoch + 1, best, world, main)  # collective: all ranks
+        _checkpoint(last_path, model, optimizer, scheduler, step, epoch + 1, best, world, main, asdict(cfg))  # all ranks
         if step >= total:
             break
 
@@ -224,7 +225,17 @@ def validate(model, prep, data_dir, spec, shapes, device, split: str = "val") ->
     return correct / count if count else float("nan")
 
 
-def _checkpoint(path, model, optimizer, scheduler, step, epoch, best, world, main) -> None:
+# knobs that may change between a run and its resumption
+RESUMABLE_CHANGES = {"epochs", "max_steps", "log_every", "checkpoint_every", "num_workers", "compile"}
+
+
+def _check_same_run(saved: dict[str, Any], cfg: TrainConfig, path: str) -> None:
+    changed = sorted(k for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v)
+    if changed:
+        raise ValueError(f"{path} was written with other train params ({', '.join(changed)}): use a new --output or delete it")
+
+
+def _checkpoint(path, model, optimizer, scheduler, step, epoch, best, world, main, config) -> None:
     """Every rank's RNG state goes into the one checkpoint written by rank 0."""
     state = rng_state()
     if world > 1:
@@ -233,7 +244,7 @@ def _checkpoint(path, model, optimizer, scheduler, step, epoch, best, world, mai
         state = states
     if main:
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "step": step, "epoch": epoch, "best": best, "rng": state}, path)
+                     "step": step, "epoch": epoch, "best": best, "rng": state, "config": config}, path)
 
 
 def _account(speed: dict, timer: dict, first: bool, cuda: bool) -> None:

@@ -69,6 +69,8 @@ def test_resume_after_a_crash_gives_bitwise_identical_weights(tiny, tmp_path, mo
     b = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match=r"other train params \(fusion\)"):
+        train(str(tiny), str(tmp_path / "resumed"), replace(cfg, fusion="product"))
 
 
 def test_equal_batches_on_every_rank_even_with_few_uneven_shards(tiny):
