@@ -64,7 +64,7 @@ def build(p: beam.Pipeline, kind: str, src: str, out: str, cfg: PrepareConfig) -
         read.rows
         | "KeyById" >> beam.Map(steps.by_id)
         | "GroupById" >> beam.GroupByKey()
-        | "FirstById" >> beam.ParDo(steps.FirstByIdFn()).with_outputs(REJECTS, main="rows")
+        | "FirstById" >> beam.ParDo(steps.KeepFirstFn("duplicate_id", "id already used by")).with_outputs(REJECTS, main="rows")
     )
     processed = (
         unique.rows
@@ -75,7 +75,7 @@ def build(p: beam.Pipeline, kind: str, src: str, out: str, cfg: PrepareConfig) -
         processed.samples
         | "KeyBySignature" >> beam.Map(steps.by_signature)
         | "GroupBySignature" >> beam.GroupByKey()
-        | "Canonical" >> beam.ParDo(steps.CanonicalFn()).with_outputs(REJECTS, main="samples")
+        | "Canonical" >> beam.ParDo(steps.KeepFirstFn("duplicate", "same content as")).with_outputs(REJECTS, main="samples")
     )
     samples = deduped.samples
     labels = (

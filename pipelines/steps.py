@@ -27,16 +27,20 @@ def by_id(row: RawRow) -> tuple[str, RawRow]:
     return row.id, row
 
 
-class FirstByIdFn(beam.DoFn):
-    """Duplicate ids: the first row in input order keeps the id, the others are rejects."""
+class KeepFirstFn(beam.DoFn):
+    """Records grouped on a key (an id, a content signature): the first in input order is
+    kept, the others become rejects pointing at it (`duplicate_of`)."""
 
-    def process(self, element: tuple[str, list[RawRow]]):
-        _, rows = element
-        first, *others = sorted(rows, key=lambda r: r.order)
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason, self.detail = reason, detail
+
+    def process(self, element: tuple[str, list[RawRow | Sample]]):
+        _, records = element
+        first, *others = sorted(records, key=lambda r: r.order)
         yield first
-        for row in others:
-            err = RecordError("duplicate_id", f"id already used by {first.source}")
-            yield tag_reject(reject(row, err, duplicate_of=first.id))
+        for record in others:
+            err = RecordError(self.reason, f"{self.detail} {first.source}")
+            yield tag_reject(reject(record, err, duplicate_of=first.id))
 
 
 class ProcessRowFn(beam.DoFn):
@@ -65,18 +69,6 @@ class ProcessRowFn(beam.DoFn):
 
 def by_signature(sample: Sample) -> tuple[str, Sample]:
     return sample.content_signature, sample
-
-
-class CanonicalFn(beam.DoFn):
-    """Exact duplicate samples: the first in input order is canonical, the rest rejects."""
-
-    def process(self, element: tuple[str, list[Sample]]):
-        _, samples = element
-        first, *others = sorted(samples, key=lambda s: s.order)
-        yield first
-        for sample in others:
-            err = RecordError("duplicate", f"same content as {first.source}")
-            yield tag_reject(reject(sample, err, duplicate_of=first.id))
 
 
 def label_of(sample: Sample) -> list[str]:
