@@ -157,7 +157,8 @@ def run(argv: list[str] | None = None) -> int:
     kind, src = resolve_input(args.input)
     out = args.output.rstrip("/")
     options = pipeline_options(beam_args, args.workers)
-    FileSystems.mkdirs(out) if not FileSystems.exists(out) else None
+    if not FileSystems.exists(out):
+        FileSystems.mkdirs(out)
     done = join(out, "dataset.json")
     if FileSystems.exists(done):
         FileSystems.delete([done])  # from now on the directory does not look complete
