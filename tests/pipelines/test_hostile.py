@@ -182,3 +182,36 @@ def test_directory_layout_with_label_folders(tmp_path):
     assert len(manifest) == 8 and {r["label"] for r in manifest} == {"cat", "dog"}
     assert all(r["has_image"] and r["has_audio"] and r["has_text"] for r in manifest)
     assert [(r["id"], r["reason"]) for r in rejects] == [("cat/bad", "text_not_utf8")]
+
+
+def test_csv_and_parquet_manifests_give_the_same_dataset_as_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pqw
+
+    rng = np.random.default_rng(4)
+    (tmp_path / "m").mkdir()
+    rows = []
+    for i in range(12):
+        (tmp_path / "m" / f"{i}.png").write_bytes(png(np.random.default_rng(50 + i)))
+        (tmp_path / "m" / f"{i}.wav").write_bytes(wav(rng))
+        rows.append({"id": f"r{i}", "image": f"m/{i}.png", "audio": f"m/{i}.wav", "text": f"caption, number {i}", "label": "ab"[i % 2]})
+    rows[3]["image"] = "m/missing.png"
+    write_manifest(tmp_path, [j(**r) for r in rows])
+    pacsv.write_csv(pa.Table.from_pylist(rows), tmp_path / "manifest.csv")
+    pqw.write_table(pa.Table.from_pylist(rows), tmp_path / "manifest.parquet")
+    results = {}
+    for suffix in ("jsonl", "csv", "parquet"):
+        manifest, rejects, ds = prepare(tmp_path / f"manifest.{suffix}", tmp_path / f"out-{suffix}")
+        results[suffix] = (sorted((r["id"], r["split"], r["label"]) for r in manifest), [(r["id"], r["reason"]) for r in rejects])
+        shards = sorted(p.name for p in (tmp_path / f"out-{suffix}").glob("*.tar"))
+        assert shards == sorted(n for s in ds["splits"].values() for n in s["shards"])
+    assert results["csv"] == results["jsonl"] == results["parquet"]
+    assert results["csv"][1] == [("r3", "missing_file")]
+
+
+def test_broken_csv_rows_are_rejects(tmp_path):
+    (tmp_path / "manifest.csv").write_text('id,text,label\na,"first caption",x\nb,"too",many,fields\nc,"third caption",y\n')
+    manifest, rejects, _ = prepare(tmp_path / "manifest.csv", tmp_path / "out", params_with(tmp_path, max_reject_ratio=0.5))
+    assert sorted(r["id"] for r in manifest) == ["a", "c"]
+    assert [(r["source"], r["reason"]) for r in rejects] == [("manifest.csv:3", "malformed_row")]
