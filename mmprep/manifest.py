@@ -13,7 +13,7 @@ import posixpath
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from mmprep.records import REASONS, RawRow, Reject
+from mmprep.records import REASONS, RawRow, Reject, has_surrogates, printable
 
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"}
@@ -48,6 +48,8 @@ def parse_jsonl_line(line: bytes, source: str, order: int, base: str) -> RawRow 
 def _scalar_str(value: Any) -> str | None:
     """Ids and labels may arrive as integers (CSV/parquet inference); other types are bad fields."""
     if isinstance(value, str):
+        if has_surrogates(value):
+            raise TypeError("invalid UTF-8")
         return value
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
@@ -60,10 +62,12 @@ def _is_null(value: Any) -> bool:
 
 def _json_safe(value: Any) -> Any:
     """Extra columns travel into metadata; make them JSON-safe and deterministic."""
-    if value is None or isinstance(value, bool | int | str):
+    if value is None or isinstance(value, bool | int):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return printable(value)
     if isinstance(value, dict):
         return {str(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -79,12 +83,14 @@ def parse_record(obj: dict[str, Any], source: str, order: int, base: str) -> Raw
     try:
         sample_id = _scalar_str(raw_id)
     except TypeError as err:
-        return read_reject(source, order, "bad_field", f"'id' must be a string, got {err}")
+        return read_reject(source, order, "bad_field", f"'id' must be a UTF-8 string, got {err}", printable(raw_id) if isinstance(raw_id, str) else None)
     fields: dict[str, str | None] = {}
     for name in ("image", "audio", "text", "label"):
         value = obj.get(name)
         if _is_null(value):
             fields[name] = None
+        elif isinstance(value, str) and name != "text" and has_surrogates(value):
+            return read_reject(source, order, "bad_field", f"'{name}' is not valid UTF-8", sample_id)
         elif isinstance(value, str) or (name == "label" and isinstance(value, int) and not isinstance(value, bool)):
             fields[name] = str(value)
         else:
@@ -144,6 +150,8 @@ def directory_row(stem: str, files: dict[str, list[str]], order: int, source: st
     if not any(kind in files for kind in MODALITY_COLUMNS):
         names = ", ".join(posixpath.basename(p) for p in files.get("other", []))
         return read_reject(source, order, "no_modality", f"no image, audio or text file ({names})", stem)
+    if has_surrogates(stem):
+        return read_reject(source, order, "bad_field", "the file name is not valid UTF-8", printable(stem))
     parts = stem.split("/")
     label = parts[0] if len(parts) == 2 else None
     return RawRow(

@@ -103,13 +103,28 @@ class Reject:
 
     def row(self) -> dict[str, Any]:
         return {
-            "id": self.id,
-            "source": self.source,
+            "id": printable(self.id),
+            "source": printable(self.source),
             "stage": self.stage,
             "reason": self.reason,
-            "detail": self.detail[:500],
-            "duplicate_of": self.duplicate_of,
+            "detail": printable(self.detail[:500]),
+            "duplicate_of": printable(self.duplicate_of),
         }
+
+
+def has_surrogates(text: str) -> bool:
+    """Invalid UTF-8 read with errors="surrogateescape" shows up as lone surrogates."""
+    return any(0xD800 <= ord(ch) <= 0xDFFF for ch in text)
+
+
+def printable(text: str | None) -> str | None:
+    """A str that encodes as UTF-8: invalid bytes and lone surrogates become visible escapes."""
+    if text is None or not has_surrogates(text):
+        return text
+    try:  # bytes that were escaped on reading show as \\xff again
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # other lone surrogates, e.g. a JSON "\\ud800"
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def reject(row: RawRow | Sample, error: RecordError, duplicate_of: str | None = None) -> Reject:

@@ -99,6 +99,9 @@ def test_hostile_corpus_finishes_and_accounts_for_every_row(tmp_path):
         j(text="no id at all"),
         j(id="blank", text="   \t  ", label="a"),
         b"[1, 2, 3]",
+        b'{"id": "bad-\xff-id", "text": "fine text", "label": "a"}',
+        b'{"id": "badlabel", "text": "fine text", "label": "l\xfe"}',
+        b'{"id": "badextra", "text": "extra column", "label": "a", "note": "n\xff"}',
     ]
     params = params_with(tmp_path, max_reject_ratio=1.0)  # a corpus that is mostly hostile on purpose
     manifest, rejects, ds = prepare(write_manifest(tmp_path, lines), tmp_path / "out", params)
@@ -120,14 +123,25 @@ def test_hostile_corpus_finishes_and_accounts_for_every_row(tmp_path):
         ("nothing", "no_modality"),
         (None, "missing_id"),
         ("blank", "text_empty"),
+        ("bad-\\xff-id", "bad_field"),
+        ("badlabel", "bad_field"),
     }
     assert expected <= reasons, expected - reasons
     kept = {r["id"]: r for r in manifest}
-    assert set(kept) == {"good/1", "../../etc/passwd", "with space 和 中文"}
+    assert set(kept) == {"good/1", "../../etc/passwd", "with space 和 中文", "badextra"}
+    meta = json.loads(next(m for m in _members(tmp_path / "out") if m[0] == kept["badextra"]["key"])[1]["json"])
+    assert meta["extra"] == {"note": "n\\xff"}  # carried through, made printable
     assert all(set(r["key"]) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-") for r in manifest)
     dup = next(r for r in rejects if r["reason"] == "duplicate_id")
     assert dup["duplicate_of"] == "good/1" and dup["source"] == "manifest.jsonl:11"
     assert ds["counts"]["rejects"]["malformed_row"] == 2
+
+
+def _members(out: Path):
+    from mmprep.shards import iter_shard
+
+    for shard in sorted(out.glob("*.tar")):
+        yield from iter_shard(str(shard))
 
 
 def test_too_many_rejects_fail_the_run_with_a_clear_message(tmp_path, capsys):
