@@ -28,7 +28,7 @@ def decode_audio(data: bytes, cfg: AudioConfig) -> tuple[np.ndarray, int, dict[s
         with sf.SoundFile(io.BytesIO(data)) as f:
             sr, channels, frames = f.samplerate, f.channels, f.frames
             meta = {"format": f.format, "subtype": f.subtype, "sample_rate": sr, "channels": channels}
-            if sr <= 0 or channels <= 0:
+            if not 1000 <= sr <= 768_000 or not 1 <= channels <= 64:
                 raise RecordError("audio_undecodable", f"header declares {sr} Hz, {channels} channels")
             duration = frames / sr
             if duration > cfg.max_duration and cfg.too_long == "reject":

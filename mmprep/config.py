@@ -127,6 +127,7 @@ class ShardConfig:
 @dataclass(frozen=True)
 class PrepareConfig:
     max_reject_ratio: float = 0.5
+    max_file_bytes: int = 256_000_000
     on_bad_modality: Literal["reject", "drop"] = "reject"
     split_salt: str = "mmprep"
     splits: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
@@ -141,6 +142,7 @@ class PrepareConfig:
 
     def validate(self) -> None:
         _check(0.0 <= self.max_reject_ratio <= 1.0, "prepare.max_reject_ratio", "must be in [0, 1]")
+        _check(self.max_file_bytes >= 1, "prepare.max_file_bytes", "must be >= 1")
         bad = set(self.splits) - {"train", "val", "test"}
         _check(not bad, "prepare.splits", f"unknown split names {sorted(bad)} (train/val/test)")
         _check("train" in self.splits, "prepare.splits", "needs a train ratio")

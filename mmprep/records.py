@@ -22,6 +22,7 @@ REASONS: dict[str, tuple[str, str]] = {
     "missing_file": ("load", "a referenced media file does not exist"),
     "unreadable_file": ("load", "a referenced media file could not be read"),
     "empty_file": ("load", "a referenced media file has zero bytes"),
+    "file_too_large": ("load", "a referenced media file is larger than prepare.max_file_bytes"),
     "image_undecodable": ("image", "not an image, truncated, or an unsupported format"),
     "image_too_large": ("image", "the header declares more pixels than prepare.image.max_pixels (bomb guard)"),
     "image_too_small": ("image", "shorter side below prepare.image.min_side"),
@@ -37,6 +38,7 @@ REASONS: dict[str, tuple[str, str]] = {
     "unknown_label": ("label", "the label is not in prepare.label.labels"),
     "unlabeled": ("label", "no label and no labelling rule matched (with label.unlabeled: reject)"),
     "duplicate": ("dedup", "same content in every modality as another sample (see duplicate_of)"),
+    "processing_error": ("process", "an unexpected error while processing the row (exotic file or a bug); detail names it"),
 }
 
 MODALITIES = ("image", "audio", "text")

@@ -130,25 +130,29 @@ class ReadRowsFn(beam.DoFn):
                 yield row
 
 
-def load_media(row: RawRow) -> dict[str, bytes | str | RecordError]:
+def load_media(row: RawRow, max_bytes: int) -> dict[str, bytes | str | RecordError]:
     """Read each declared modality's bytes (local path or URI) or the error met doing so."""
     loaded: dict[str, bytes | str | RecordError] = {}
     for modality, path in (("image", row.image), ("audio", row.audio), ("text", row.text_path)):
         if path is not None:
-            loaded[modality] = _read_bytes(path)
+            loaded[modality] = _read_bytes(path, max_bytes)
     if row.text is not None:
         loaded["text"] = row.text
     return loaded
 
 
-def _read_bytes(path: str) -> bytes | RecordError:
+def _read_bytes(path: str, max_bytes: int) -> bytes | RecordError:
+    """`exists` + a bounded read: no glob semantics ("photo [1].jpg" is a name, not a
+    pattern) and a huge file costs at most max_bytes of memory."""
     try:
         if not FileSystems.exists(path):
             return RecordError("missing_file", path)
         with FileSystems.open(path, compression_type="uncompressed") as f:
-            data = f.read()
-    except (OSError, ValueError) as err:
+            data = f.read(max_bytes + 1)
+    except (OSError, ValueError, beam.io.filesystem.BeamIOError) as err:
         return RecordError("unreadable_file", f"{path}: {err}")
     if not data:
         return RecordError("empty_file", path)
+    if len(data) > max_bytes:
+        return RecordError("file_too_large", f"{path}: more than max_file_bytes={max_bytes}")
     return data

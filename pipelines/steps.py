@@ -55,7 +55,11 @@ class ProcessRowFn(beam.DoFn):
         self.count, self.started = 0, time.monotonic()
 
     def process(self, row: RawRow):
-        result = process_row(row, load_media(row), self.cfg)
+        try:
+            result = process_row(row, load_media(row, self.cfg.max_file_bytes), self.cfg)
+        except Exception as err:  # noqa: BLE001 - one exotic file must not stop a million-row job:
+            # it becomes a counted, visible reject (and the run fails past max_reject_ratio)
+            result = reject(row, RecordError("processing_error", f"{type(err).__name__}: {err}"))
         self.count += 1
         if self.count % self.progress_every == 0:
             rate = self.count / max(time.monotonic() - self.started, 1e-9)

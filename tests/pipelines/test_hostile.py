@@ -79,8 +79,10 @@ def test_hostile_corpus_finishes_and_accounts_for_every_row(tmp_path):
     (media / "zero.wav").write_bytes(b"")
     (media / "nan.wav").write_bytes(wav(rng, nan=True))
     (media / "trunc.png").write_bytes(png(rng)[:300])
+    (media / "photo [1] *.png").write_bytes(png(np.random.default_rng(9)))
     lines = [
         j(id="good/1", image="m/ok.png", audio="m/ok.wav", text="a fine sample", label="a"),
+        j(id="brackets", image="m/photo [1] *.png", label="b"),
         j(id="../../etc/passwd", image="m/ok.png", text="path traversal id", label="b"),
         j(id="with space 和 中文", audio="m/ok.wav", text="spaces and CJK", label="a"),
         j(id="bomb", image="m/bomb.png", label="a"),
@@ -128,12 +130,12 @@ def test_hostile_corpus_finishes_and_accounts_for_every_row(tmp_path):
     }
     assert expected <= reasons, expected - reasons
     kept = {r["id"]: r for r in manifest}
-    assert set(kept) == {"good/1", "../../etc/passwd", "with space 和 中文", "badextra"}
+    assert set(kept) == {"good/1", "../../etc/passwd", "with space 和 中文", "badextra", "brackets"}
     meta = json.loads(next(m for m in _members(tmp_path / "out") if m[0] == kept["badextra"]["key"])[1]["json"])
     assert meta["extra"] == {"note": "n\\xff"}  # carried through, made printable
     assert all(set(r["key"]) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-") for r in manifest)
     dup = next(r for r in rejects if r["reason"] == "duplicate_id")
-    assert dup["duplicate_of"] == "good/1" and dup["source"] == "manifest.jsonl:11"
+    assert dup["duplicate_of"] == "good/1" and dup["source"] == "manifest.jsonl:12"
     assert ds["counts"]["rejects"]["malformed_row"] == 2
 
 
@@ -229,3 +231,13 @@ def test_broken_csv_rows_are_rejects(tmp_path):
     manifest, rejects, _ = prepare(tmp_path / "manifest.csv", tmp_path / "out", params_with(tmp_path, max_reject_ratio=0.5))
     assert sorted(r["id"] for r in manifest) == ["a", "c"]
     assert [(r["source"], r["reason"]) for r in rejects] == [("manifest.csv:3", "malformed_row")]
+
+
+def test_files_over_max_file_bytes_are_refused_unread(tmp_path):
+    (tmp_path / "big.png").write_bytes(png(np.random.default_rng(3), 200, 200))
+    (tmp_path / "small.txt").write_text("x")
+    lines = [j(id="big", image="big.png", label="a"), j(id="ok", text="a caption", label="a")]
+    params = params_with(tmp_path, max_file_bytes=5000)
+    manifest, rejects, _ = prepare(write_manifest(tmp_path, lines), tmp_path / "out", params)
+    assert [r["id"] for r in manifest] == ["ok"]
+    assert [(r["id"], r["reason"]) for r in rejects] == [("big", "file_too_large")]

@@ -1,0 +1,19 @@
+"""DoFns called directly: the safety net that keeps one exotic file from stopping a job."""
+
+import apache_beam as beam
+
+import pipelines.steps as steps
+from mmprep.config import PrepareConfig
+from mmprep.records import RawRow
+
+
+def test_an_unexpected_error_becomes_a_processing_error_reject(monkeypatch):
+    def explode(row, loaded, cfg):
+        raise MemoryError("decoder blew up")
+
+    monkeypatch.setattr(steps, "process_row", explode)
+    fn = steps.ProcessRowFn(PrepareConfig())
+    fn.setup()
+    (out,) = list(fn.process(RawRow(source="m.jsonl:1", order=0, id="x", text="hello")))
+    assert isinstance(out, beam.pvalue.TaggedOutput)
+    assert (out.value.reason, out.value.stage, out.value.detail) == ("processing_error", "process", "MemoryError: decoder blew up")
