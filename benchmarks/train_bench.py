@@ -68,6 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", help="a prepared dataset directory")
     parser.add_argument("--synthetic", type=int, default=0, help="write N synthetic train samples instead")
+    parser.add_argument("--synthetic-dir", help="keep the synthetic data here (reused when it exists)")
     parser.add_argument("--params", default=str(Path(__file__).resolve().parents[1] / "params.yaml"))
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None)
@@ -86,7 +87,10 @@ def main() -> None:
             overrides[key] = value
     cfg = replace(cfg, compile=args.compile, **overrides)
     with tempfile.TemporaryDirectory() as tmp:
-        data = args.data or str(synthetic(Path(tmp) / "data", args.synthetic))
+        data = args.data
+        if not data:
+            where = Path(args.synthetic_dir or Path(tmp) / "data")
+            data = str(where if (where / "dataset.json").exists() else synthetic(where, args.synthetic))
         started = time.perf_counter()
         result = train(data, str(Path(tmp) / "run"), cfg)
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

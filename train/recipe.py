@@ -141,17 +141,24 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
     history: list[dict[str, float]] = []
     speed = {"samples": 0, "seconds": 0.0, "wait": 0.0}
 
-    # loop
-    for epoch in range(start_epoch, epochs):
-        skip = step - epoch * batches  # batches of this epoch already trained before a resume
+    def epoch_batches(epoch: int):
+        """The epoch's batches; with loader workers they start reading as soon as this is called."""
         stream = D.TrainStream(train_urls, shapes, cfg.batch_size, batches, cfg.seed, epoch, rank, world, cfg.shuffle_buffer,
                                spec.get("shards"))
-        it = iter(D.loader(stream, cfg.num_workers, cfg.seed + epoch, pin=cuda))
+        return iter(D.loader(stream, cfg.num_workers, cfg.seed + epoch, pin=cuda))
+
+    # loop
+    it = epoch_batches(start_epoch)
+    for epoch in range(start_epoch, epochs):
+        skip = step - epoch * batches  # batches of this epoch already trained before a resume
+        upcoming = None
         net.train()
         timer = {"wait": 0.0, "start": time.perf_counter(), "samples": 0, "loss": 0.0, "n": 0}
         for index in range(batches):
             t0 = time.perf_counter()
             batch = next(it)
+            if index == batches - 1 and epoch + 1 < epochs:
+                upcoming = epoch_batches(epoch + 1)  # next epoch's workers start during this step and validation
             if index < skip:
                 continue
             timer["wait"] += time.perf_counter() - t0
@@ -176,8 +183,8 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
                 _checkpoint(last_path, model, optimizer, scheduler, step, epoch + (index + 1 == batches), best, world, main, asdict(cfg))
             if step >= total:
                 break
-        del it
         _account(speed, timer, first=epoch == start_epoch, cuda=cuda)
+        it = upcoming  # drops this epoch's loader and its (finished) workers
 
         # metrics (rank 0 validates on the whole val split; the others wait)
         if main:

@@ -134,5 +134,42 @@ def test_a_truncated_shard_is_reported_not_silently_shortened(tiny, tmp_path):
     with pytest.raises(D.ShardError, match=r"train-000000.tar: \d+ bytes but dataset.json records"):
         list(D.read_shards([str(cut)], index))
     remote_like = {"train-000000.tar": {**index["train-000000.tar"], "bytes": len(data) // 2 + 100}}
-    with pytest.raises(D.ShardError, match=r"train-000000.tar: truncated shard, \d+ of 128 samples"):
-        list(D.read_shards([str(cut)], remote_like))  # size unknown up front: the count catches it
+    with pytest.raises(D.ShardError, match=r"train-000000.tar: truncated shard \(ends inside a member"):
+        list(D.read_shards([str(cut)], remote_like))  # size unknown up front: the tar stream itself tells
+    blocks = tmp_path / "blocks" / "train-000000.tar"  # cut at a member boundary, a valid-looking prefix
+    blocks.parent.mkdir()
+    blocks.write_bytes(data[:512 * 8])
+    with pytest.raises(D.ShardError, match=r"truncated shard \(ends without the end-of-archive marker\)"):
+        list(D.read_shards([str(blocks)]))
+    flipped = bytearray(data)
+    flipped[3] ^= 0x20  # one bit of the first member name
+    bad = tmp_path / "flip" / "train-000000.tar"
+    bad.parent.mkdir()
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(D.ShardError, match=r"bad tar header checksum"):
+        list(D.read_shards([str(bad)]))
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_shards_repacked_by_other_tar_writers_read_the_same(tiny, tmp_path, fmt):
+    """Users re-pack shards (GNU tar, PAX with long names, directories): the same samples come out."""
+    src = tiny / "train-000000.tar"
+    expected = [(s["key"], s["label"], s["image"].tobytes(), s["audio"].tobytes()) for s in D.read_shards([str(src)])]
+    out = tmp_path / "repacked.tar"
+    # a long directory name: a ustar prefix field, else (too long for it) a GNU long name or a PAX record
+    prefix = "d" * 120 + "/" if fmt == tarfile.USTAR_FORMAT else "données-" + "d" * 200 + "/"
+    with tarfile.open(src) as old, tarfile.open(out, "w", format=fmt) as new:
+        new.addfile(tarfile.TarInfo(prefix[:-1]) if fmt != tarfile.USTAR_FORMAT else _dir(prefix[:-1]))
+        for member in old.getmembers():
+            data = old.extractfile(member).read()
+            member.name = prefix + member.name
+            new.addfile(member, io.BytesIO(data))
+    got = [(s["key"], s["label"], s["image"].tobytes(), s["audio"].tobytes()) for s in D.read_shards([str(out)])]
+    assert {tarfile.PAX_FORMAT: b"path=", tarfile.GNU_FORMAT: b"././@LongLink"}.get(fmt, b"ustar") in out.read_bytes()
+    assert [(prefix + k, *rest) for k, *rest in expected] == got
+
+
+def _dir(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
