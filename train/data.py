@@ -30,16 +30,39 @@ class ShardError(OSError):
     """A shard is unreadable, truncated, or holds a member we refuse to decode."""
 
 
+def is_remote(location: str) -> bool:
+    """A URL webdataset's gopen streams (http(s)://, gs://, s3:// via curl/gsutil/aws, pipe:)."""
+    return location.startswith("pipe:") or ("://" in location and not location.startswith("file://"))
+
+
+def data_path(data_dir: str, name: str) -> str:
+    if is_remote(data_dir):
+        return data_dir.rstrip("/") + "/" + name
+    return os.path.join(data_dir.removeprefix("file://"), name)
+
+
+def read_bytes(data_dir: str, name: str) -> bytes:
+    """One small file of a prepared dataset (dataset.json, tokenizer.model), local or remote."""
+    path = data_path(data_dir, name)
+    if not is_remote(data_dir):
+        with open(path, "rb") as f:
+            return f.read()
+    try:
+        with wds.gopen(path) as stream:
+            return stream.read()
+    except Exception as err:  # curl's exit status surfaces as IOError/OSError with the command line
+        raise FileNotFoundError(f"{path}: cannot fetch ({type(err).__name__}: {err})") from err
+
+
 def load_spec(data_dir: str) -> dict[str, Any]:
-    path = os.path.join(data_dir, "dataset.json")
-    if not os.path.isfile(path):
+    path = data_path(data_dir, "dataset.json")
+    if not is_remote(data_dir) and not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: --data must be a directory written by `mmprep prepare`")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(read_bytes(data_dir, "dataset.json"))
 
 
 def shard_urls(data_dir: str, spec: dict[str, Any], split: str) -> list[str]:
-    return [os.path.join(data_dir, name) for name in spec["splits"][split]["shards"]]
+    return [data_path(data_dir, name) for name in spec["splits"][split]["shards"]]
 
 
 def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
@@ -173,8 +196,8 @@ def read_shards(urls: list[str], index: dict[str, dict] | None = None) -> Iterat
     table: a local shard whose size differs, or any shard that yields a different number
     of samples than recorded, raises ShardError."""
     for url in urls:
-        info = (index or {}).get(os.path.basename(url))
-        if info and os.path.exists(url) and os.path.getsize(url) != info["bytes"]:
+        info = (index or {}).get(url.rsplit("/", 1)[-1])
+        if info and not is_remote(url) and os.path.exists(url) and os.path.getsize(url) != info["bytes"]:
             raise ShardError(f"{url}: {os.path.getsize(url)} bytes but dataset.json records {info['bytes']} (truncated or replaced)")
         count = 0
         try:

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -296,9 +295,15 @@ def _log_live(live, row: dict[str, float]) -> None:
 def _export(run_dir, data_dir, model, cfg, spec, history, result) -> None:
     """A self-contained run: weights, dataset.json, tokenizer, config, curves."""
     save_atomic(model.state_dict(), os.path.join(run_dir, "model.pt"))
-    shutil.copyfile(os.path.join(data_dir, "dataset.json"), os.path.join(run_dir, "dataset.json"))
-    if os.path.exists(os.path.join(data_dir, "tokenizer.model")):
-        shutil.copyfile(os.path.join(data_dir, "tokenizer.model"), os.path.join(run_dir, "tokenizer.model"))
+    for name in ("dataset.json", "tokenizer.model"):
+        try:
+            data = D.read_bytes(data_dir, name)
+        except FileNotFoundError:
+            if name == "dataset.json":
+                raise
+            continue  # no text in the data (or a hand-made dataset): predict then takes no --text
+        with open(os.path.join(run_dir, name), "wb") as f:
+            f.write(data)
     with open(os.path.join(run_dir, "train_config.json"), "w", encoding="utf-8") as f:
         json.dump({"train": asdict(cfg), "result": result, "history": history}, f, indent=1)
     _plot(history, os.path.join(run_dir, "curves.png"))

@@ -173,3 +173,44 @@ def _dir(name: str) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type = tarfile.DIRTYPE
     return info
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """Serve a directory over HTTP on localhost (what a bucket or a CDN looks like to the loader)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    root = tmp_path / "www"
+    root.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_training_over_http_gives_the_same_weights_as_from_disk(tiny, tmp_path, http_root):
+    root, url = http_root
+    for f in tiny.iterdir():
+        (root / f.name).write_bytes(f.read_bytes())
+    cfg = replace(FAST, epochs=1)
+    train(str(tiny), str(tmp_path / "local"), cfg)
+    train(url + "/", str(tmp_path / "remote"), cfg)
+    a = torch.load(tmp_path / "local" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "remote" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "remote" / "dataset.json").read_bytes() == (tiny / "dataset.json").read_bytes()
+    metrics = evaluate(url, str(tmp_path / "remote"), str(tmp_path / "m.json"), EvaluateConfig())
+    assert metrics["accuracy"] > 0.2
+
+    data = (root / "train-000001.tar").read_bytes()
+    (root / "train-000001.tar").write_bytes(data[: len(data) // 3])  # a server that serves a cut file
+    with pytest.raises(D.ShardError, match=r"train-000001.tar: truncated shard"):
+        list(D.read_shards(D.shard_urls(url, D.load_spec(url), "train"), D.load_spec(url)["shards"]))
+    with pytest.raises(FileNotFoundError, match=r"/nothing/dataset.json: cannot fetch"):
+        D.load_spec(url + "/nothing")
