@@ -84,6 +84,61 @@ def test_reproducible_bytes_with_two_worker_processes(prepared, corpus, tmp_path
     assert digests(out) == digests(prepared)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, seconds: float = 90) -> None:
+    import socket
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"service exited ({proc.returncode}): {proc.args}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on port {port} after {seconds}s")
+
+
+@pytest.mark.slow
+def test_reproducible_bytes_on_a_portable_runner_with_a_worker_pool(prepared, corpus, tmp_path):
+    """The path to a cluster: a Beam job service plus an external SDK worker pool (as a Flink
+    or Spark job server would use) writes the same bytes as the local runner."""
+    job_port, pool_port = _free_port(), _free_port()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    services = [
+        subprocess.Popen([sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main",
+                          "--port", str(job_port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen([sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main",
+                          f"--service_port={pool_port}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+    ]
+    try:
+        _wait_for_port(job_port, services[0])
+        _wait_for_port(pool_port, services[1])
+        out = tmp_path / "portable"
+        run = subprocess.run(
+            [sys.executable, "-m", "mmprep.cli", "prepare", "--input", str(corpus / "manifest.jsonl"), "--output", str(out),
+             "--params", str(PARAMS), "--runner=PortableRunner", f"--job_endpoint=localhost:{job_port}",
+             "--environment_type=EXTERNAL", f"--environment_config=localhost:{pool_port}"],
+            capture_output=True, text=True, env=env, timeout=600,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "runner PortableRunner" in run.stdout + run.stderr
+        assert digests(out) == digests(prepared)
+    finally:
+        for proc in services:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
 def test_webdataset_client_reads_exactly_the_manifest(prepared):
     import webdataset as wds
 
