@@ -17,7 +17,8 @@ from mmprep.records import REASONS, RawRow, Reject, has_surrogates, printable
 
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"}
-AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".mp3"}
+# every container libsndfile reads by content (the extension only sorts files in a directory layout)
+AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".snd", ".caf", ".w64", ".rf64"}
 TEXT_EXTS = {".txt"}
 MODALITY_COLUMNS = ("image", "audio", "text")
 
@@ -149,7 +150,7 @@ def directory_row(stem: str, files: dict[str, list[str]], order: int, source: st
             return read_reject(source, order, "bad_field", f"several {kind} files for one sample: {names}", stem)
     if not any(kind in files for kind in MODALITY_COLUMNS):
         names = ", ".join(posixpath.basename(p) for p in files.get("other", []))
-        return read_reject(source, order, "no_modality", f"no image, audio or text file ({names})", stem)
+        return read_reject(source, order, "no_modality", f"no image, audio or text file of a supported type ({names})", stem)
     if has_surrogates(stem):
         return read_reject(source, order, "bad_field", "the file name is not valid UTF-8", printable(stem))
     parts = stem.split("/")
@@ -162,4 +163,6 @@ def directory_row(stem: str, files: dict[str, list[str]], order: int, source: st
         audio=files.get("audio", [None])[0],
         text_path=files.get("text", [None])[0],
         label=label,
+        # files of no supported type beside the sample are not dropped silently: the metadata names them
+        extra={"ignored_files": [posixpath.basename(p) for p in files["other"]]} if files.get("other") else {},
     )

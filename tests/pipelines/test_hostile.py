@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import soundfile as sf
 import yaml
 
+from mmprep.shards import iter_shard
 from pipelines.prepare import main as prepare_main
 
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
@@ -191,13 +192,29 @@ def test_directory_layout_with_label_folders(tmp_path):
             stem.with_suffix(".wav").write_bytes(wav(rng))
             stem.with_suffix(".txt").write_bytes(f"a {label} number {i}".encode())
     (tmp_path / "src" / "cat" / "bad.txt").write_bytes(b"\xff\xfe")
+    # an AIFF instead of a WAV, a file of no supported type beside a sample, and one alone
+    aiff = tmp_path / "src" / "dog" / "dog_3.aiff"
+    tmp_wav = tmp_path / "src" / "dog" / "dog_3.wav"
+    data, rate = sf.read(io.BytesIO(tmp_wav.read_bytes()))
+    sf.write(aiff, data, rate, format="AIFF")
+    tmp_wav.unlink()
+    (tmp_path / "src" / "dog" / "dog_2.svg").write_text("<svg/>")
+    (tmp_path / "src" / "dog" / "logo.svg").write_text("<svg/>")
     out = tmp_path / "out"
     assert prepare_main(["--input", str(tmp_path / "src"), "--output", str(out), "--params", str(PARAMS)]) == 0
     manifest = pq.read_table(out / "manifest.parquet").to_pylist()
     rejects = pq.read_table(out / "rejects.parquet").to_pylist()
     assert len(manifest) == 8 and {r["label"] for r in manifest} == {"cat", "dog"}
     assert all(r["has_image"] and r["has_audio"] and r["has_text"] for r in manifest)
-    assert [(r["id"], r["reason"]) for r in rejects] == [("cat/bad", "text_not_utf8")]
+    assert [(r["id"], r["reason"]) for r in rejects] == [("cat/bad", "text_not_utf8"), ("dog/logo", "no_modality")]
+    assert "logo.svg" in rejects[1]["detail"]
+    metas = {}
+    for shard in out.glob("*.tar"):
+        for _, members in iter_shard(str(shard)):
+            meta = json.loads(members["json"])
+            metas[meta["id"]] = meta
+    assert metas["dog/dog_2"]["extra"]["ignored_files"] == ["dog_2.svg"]
+    assert "ignored_files" not in metas["dog/dog_1"].get("extra", {})
 
 
 def test_csv_and_parquet_manifests_give_the_same_dataset_as_jsonl(tmp_path):
