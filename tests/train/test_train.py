@@ -46,8 +46,10 @@ def test_every_fusion_mode_learns_well_above_chance(tiny, tmp_path, fusion):
         assert (run / name).exists(), name
 
 
-def test_resume_after_a_crash_gives_bitwise_identical_weights(tiny, tmp_path, monkeypatch):
-    cfg = replace(FAST, epochs=2, checkpoint_every=5, augment=True, modality_dropout=0.3)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_after_a_crash_gives_bitwise_identical_weights(tiny, tmp_path, monkeypatch, workers):
+    """Also with loader worker processes (whose next epoch starts before the current one ends)."""
+    cfg = replace(FAST, epochs=2, checkpoint_every=5, augment=True, modality_dropout=0.3, num_workers=workers)
     train(str(tiny), str(tmp_path / "straight"), cfg)
     calls = {"n": 0}
     original = torch.optim.AdamW.step
