@@ -181,6 +181,8 @@ def _pax_path(data: bytes) -> str | None:
         if space < 0:
             break
         length = int(data[pos:space])
+        if length <= space - pos:
+            raise ValueError(f"malformed PAX record length {length}")
         key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
         if key == b"path":
             return value.decode("utf-8", "replace")

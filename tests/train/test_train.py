@@ -152,6 +152,17 @@ def test_a_truncated_shard_is_reported_not_silently_shortened(tiny, tmp_path):
         list(D.read_shards([str(bad)]))
 
 
+@pytest.mark.parametrize("record", [b"0 path=x\n", b"-5 path=x\n", b"zz path=x\n"])
+def test_a_hostile_pax_header_is_an_error_not_a_hang(tmp_path, record):
+    path = tmp_path / "bad-000000.tar"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo("x.json")
+        info.type, info.size = tarfile.XHDTYPE, len(record)
+        tar.addfile(info, io.BytesIO(record))
+    with pytest.raises(D.ShardError, match="corrupt shard"):
+        list(D.read_shards([str(path)]))
+
+
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 def test_shards_repacked_by_other_tar_writers_read_the_same(tiny, tmp_path, fmt):
     """Users re-pack shards (GNU tar, PAX with long names, directories): the same samples come out."""
