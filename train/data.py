@@ -11,6 +11,7 @@ import io
 import json
 import os
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -50,8 +51,11 @@ def read_bytes(data_dir: str, name: str) -> bytes:
     try:
         with wds.gopen(path) as stream:
             return stream.read()
-    except Exception as err:  # curl's exit status surfaces as IOError/OSError with the command line
-        raise FileNotFoundError(f"{path}: cannot fetch ({type(err).__name__}: {err})") from err
+    except Exception as err:  # gopen reports a failed curl/pipe as OSError("(cmd...): exit N ...")
+        status = re.search(r"\): exit (\d+)", str(err))
+        tool = "curl" if path.startswith(("http://", "https://")) else "the fetch command"
+        reason = f"{tool} exit status {status.group(1)}" if status else f"{type(err).__name__}: {err}"
+        raise FileNotFoundError(f"{path}: cannot fetch ({reason})") from err
 
 
 def load_spec(data_dir: str) -> dict[str, Any]:
