@@ -7,7 +7,6 @@ yields the same number of batches (no hang on uneven shards).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
@@ -22,6 +21,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
+
+from mmprep.shards import load_npy
 
 ALLOWED = {"jpg", "mel.npy", "tokens.npy", "txt", "cls", "json"}
 MODALITIES = ("image", "audio", "text")
@@ -90,36 +91,6 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
     except ValueError as err:
         raise ShardError(f"{raw.get('__url__', '?')}: sample {raw['__key__']!r}: {err}") from err
     return out
-
-
-_NPY_HEADERS: dict[bytes, tuple[tuple[int, ...], bool, np.dtype, int]] = {}
-
-
-def load_npy(data: bytes) -> np.ndarray:
-    """np.load(allow_pickle=False) for one .npy member, with the parsed header cached.
-
-    Every mel (and every token array of one length) shares its header, and numpy parses a
-    header with ast.literal_eval — a third of the per-sample decode time. Object dtypes are
-    refused, so nothing is ever unpickled."""
-    if data[:6] != b"\x93NUMPY" or len(data) < 10:
-        raise ValueError("not a .npy array")
-    major = data[6]
-    end = 10 + int.from_bytes(data[8:10], "little") if major == 1 else 12 + int.from_bytes(data[8:12], "little")
-    header = data[:end]
-    parsed = _NPY_HEADERS.get(header)
-    if parsed is None:
-        stream = io.BytesIO(header)
-        version = np.lib.format.read_magic(stream)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(stream)
-        if dtype.hasobject:
-            raise ValueError("refusing a .npy array of Python objects (would need unpickling)")
-        parsed = (shape, fortran, dtype, int(np.prod(shape)))
-        if len(_NPY_HEADERS) < 1024:
-            _NPY_HEADERS[header] = parsed
-    shape, fortran, dtype, count = parsed
-    flat = np.frombuffer(data, dtype, count=count, offset=end)
-    return flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
 
 
 def _raise(exn: Exception) -> bool:
