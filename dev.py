@@ -52,7 +52,7 @@ def summary() -> None:
     path = ROOT / "metrics" / "eval.json"
     if path.exists():
         m = json.loads(path.read_text())
-        ablation = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in m["ablation"].items())
+        ablation = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in m["ablation"].items() if v["accuracy"] is not None)
         print(f"\ntest accuracy {m['accuracy']:.3f}, macro F1 {m['macro_f1']:.3f}; one modality only: {ablation}")
         print("more: dvc metrics show | dvc plots show | mmprep inspect data/prepared | runs/demo/curves.png")
 

@@ -23,7 +23,8 @@ def _demo_corpus(argv: list[str]) -> int:
     cfg = params_from_dict({"demo_corpus": {**to_dict(cfg), **overrides}}).demo_corpus
     from mmprep.democorpus import write_demo_corpus
 
-    summary = write_demo_corpus(args.out, samples=cfg.samples, seed=cfg.seed, dirt_ratio=cfg.dirt_ratio)
+    summary = write_demo_corpus(args.out, samples=cfg.samples, seed=cfg.seed, dirt_ratio=cfg.dirt_ratio, task=cfg.task,
+                                missing=cfg.missing)
     print(f"demo corpus: {summary.get('rows', cfg.samples)} rows → {args.out}/manifest.jsonl")
     return 0
 
@@ -67,7 +68,7 @@ def _evaluate(argv: list[str]) -> int:
     from train.evaluate import evaluate
 
     metrics = evaluate(args.data, args.model, args.output, cfg)
-    ablation = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in metrics.get("ablation", {}).items())
+    ablation = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in metrics.get("ablation", {}).items() if v["accuracy"] is not None)
     print(f"accuracy {metrics['accuracy']:.3f}  macro_f1 {metrics['macro_f1']:.3f}  ({ablation}) → {args.output}")
     return 0
 
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, OSError, ValueError) as err:  # bad params, unreadable input/shards: one line
+    except (ConfigError, OSError, ValueError, FloatingPointError) as err:  # bad params/input/shards, NaN in training: one line
         print(f"mmprep {argv[0]}: error: {err}", file=sys.stderr)
         return 2
 

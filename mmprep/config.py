@@ -24,9 +24,12 @@ class DemoCorpusConfig:
     samples: int = 2000
     seed: int = 0
     dirt_ratio: float = 0.05
+    task: Literal["combined", "redundant"] = "combined"
+    missing: float = 0.0
 
     def validate(self) -> None:
         _check(self.samples >= 30, "demo_corpus.samples", "must be >= 30")
+        _check(0.0 <= self.missing <= 1.0, "demo_corpus.missing", "must be in [0, 1]")
         _check(0.0 <= self.dirt_ratio <= 0.5, "demo_corpus.dirt_ratio", "must be in [0, 0.5]")
 
 
@@ -170,6 +173,9 @@ class TrainConfig:
     seed: int = 0
     shuffle_buffer: int = 1000
     modality_dropout: float = 0.2
+    single_modality: float = 0.2
+    aux_loss: float = 0.5
+    modalities: tuple[str, ...] = ("image", "audio", "text")
     augment: bool = True
     num_workers: int = 0
     compile: bool = False
@@ -184,6 +190,12 @@ class TrainConfig:
         _check(self.batch_size >= 1, p + "batch_size", "must be >= 1")
         _check(self.lr > 0, p + "lr", "must be > 0")
         _check(0.0 <= self.modality_dropout < 1.0, p + "modality_dropout", "must be in [0, 1)")
+        _check(0.0 <= self.single_modality <= 1.0, p + "single_modality", "must be in [0, 1]")
+        _check(self.aux_loss >= 0.0, p + "aux_loss", "must be >= 0 (0 = no unimodal heads)")
+        bad = [m for m in self.modalities if m not in ("image", "audio", "text")]
+        _check(not bad, p + "modalities", f"unknown modalities {bad} (image, audio, text)")
+        _check(bool(self.modalities) and len(set(self.modalities)) == len(self.modalities), p + "modalities",
+               "must name each used modality once (at least one)")
         _check(self.num_workers >= 0, p + "num_workers", "must be >= 0")
         _check(self.max_steps >= 0, p + "max_steps", "must be >= 0 (0 = epochs decide)")
 

@@ -6,6 +6,13 @@ label = f"{shape}-{pitch}-{colour}":
   colour (red/blue) is read only in the text (English or Chinese, varied phrasings).
 No single modality determines the label (12 classes; one modality narrows it to 4 or 6).
 
+`task="redundant"` writes a second corpus where every modality carries the whole label, each
+with its own reliability (the image shows the right class in 80 % of rows, the audio in 70 %,
+the caption in 65 %, otherwise another class), and `missing` of the clean rows lack one
+modality: each modality alone is informative, and only fusion reaches beyond the best one.
+label = one of 6 classes; image: shape × (filled | outline); audio: one of 6 pitch bands;
+text: one of 6 colour words.
+
 About `dirt_ratio` of the rows carry one defect each, of every kind the cleaner handles;
 `dirt.json` lists them with the reject reason mmprep must give (null: the row is kept).
 """
@@ -25,7 +32,13 @@ import soundfile as sf
 SHAPES = ("circle", "square", "triangle")
 PITCHES = ("low", "high")
 COLOURS = ("red", "blue")
-ZH_COLOURS = {"red": "红色", "blue": "蓝色"}
+ZH_COLOURS = {"red": "红色", "blue": "蓝色", "green": "绿色", "yellow": "黄色", "purple": "紫色", "orange": "橙色"}
+# the redundant task: class k is shown by REDUNDANT[k] in each modality (with its own reliability)
+REDUNDANT_CLASSES = ("class-a", "class-b", "class-c", "class-d", "class-e", "class-f")
+REDUNDANT_IMAGES = tuple((s, fill) for s in SHAPES for fill in (True, False))
+REDUNDANT_PITCHES = (200.0, 340.0, 580.0, 990.0, 1680.0, 2850.0)
+REDUNDANT_COLOURS = tuple(ZH_COLOURS)
+RELIABILITY = {"image": 0.8, "audio": 0.7, "text": 0.65}
 EN_TEMPLATES = (
     "a {c} {n}, I think", "this {n} looks {c}.", "Mostly {c}, with some noise around the {n}", "I'd call that {n} {c}",
     "{C} {n}!", "the colour of the {n} is {c}", "definitely a {c} {n}; no doubt", "something {c} over there",
@@ -60,7 +73,7 @@ DIRT: dict[str, str | None] = {
 }
 
 
-def _image(rng: np.random.Generator, shape: str) -> np.ndarray:
+def _image(rng: np.random.Generator, shape: str, filled: bool = True) -> np.ndarray:
     """A noisy BGR canvas with the shape inside the central square, in a random colour."""
     h, w = (int(x) for x in rng.integers(56, 200, size=2))
     side = min(h, w)
@@ -83,12 +96,17 @@ def _image(rng: np.random.Generator, shape: str) -> np.ndarray:
     cy = h / 2 + rng.uniform(-0.08, 0.08) * side
     r = rng.uniform(0.28, 0.40) * side
     angle = rng.uniform(0, 2 * np.pi)
+    thickness = -1 if filled else max(2, round(side * 0.06))
     if shape == "circle":
-        cv2.circle(img, (round(cx), round(cy)), round(r), colour.tolist(), -1, cv2.LINE_AA)
+        cv2.circle(img, (round(cx), round(cy)), round(r), colour.tolist(), thickness, cv2.LINE_AA)
     else:
         n = 4 if shape == "square" else 3
         pts = [(cx + r * np.cos(angle + 2 * np.pi * k / n), cy + r * np.sin(angle + 2 * np.pi * k / n)) for k in range(n)]
-        cv2.fillPoly(img, [np.round(pts).astype(np.int32)], colour.tolist(), cv2.LINE_AA)
+        poly = [np.round(pts).astype(np.int32)]
+        if filled:
+            cv2.fillPoly(img, poly, colour.tolist(), cv2.LINE_AA)
+        else:
+            cv2.polylines(img, poly, True, colour.tolist(), thickness, cv2.LINE_AA)
     return img.astype(np.uint8)
 
 
@@ -103,8 +121,11 @@ def _encode_image(rng: np.random.Generator, img: np.ndarray) -> tuple[bytes, str
     return cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 6])[1].tobytes(), "png"
 
 
-def _tone(rng: np.random.Generator, pitch: str, sr: int, seconds: float) -> np.ndarray:
-    f0 = rng.uniform(180, 320) if pitch == "low" else rng.uniform(700, 1300)
+def _tone(rng: np.random.Generator, pitch: str | float, sr: int, seconds: float) -> np.ndarray:
+    if isinstance(pitch, float):  # a band around this frequency (the redundant task)
+        f0 = pitch * rng.uniform(0.92, 1.08)
+    else:
+        f0 = rng.uniform(180, 320) if pitch == "low" else rng.uniform(700, 1300)
     t = np.arange(int(sr * seconds)) / sr
     wave = sum(a * np.sin(2 * np.pi * f0 * k * t + rng.uniform(0, 6.3)) for k, a in ((1, 1.0), (2, 0.4), (3, 0.2)) if f0 * k < sr / 2)
     envelope = np.minimum(1.0, t / 0.03) * np.minimum(1.0, (t[-1] - t + 1e-3) / 0.05)
@@ -140,8 +161,8 @@ def _sample_id(i: int) -> str:
 class _Writer:
     """Writes media files under OUT/media and remembers manifest lines."""
 
-    def __init__(self, out: Path, rng: np.random.Generator) -> None:
-        self.out, self.rng = out, rng
+    def __init__(self, out: Path, rng: np.random.Generator, task: str = "combined") -> None:
+        self.out, self.rng, self.task = out, rng, task
         (out / "media").mkdir(parents=True, exist_ok=True)
         self.lines: list[bytes] = []
 
@@ -149,10 +170,23 @@ class _Writer:
         (self.out / "media" / name).write_bytes(data)
         return f"media/{name}"
 
+    def _shown(self, label: str, modality: str) -> int:
+        """The class a modality shows: the true one with its reliability, else another at random."""
+        k = REDUNDANT_CLASSES.index(label)
+        if self.rng.random() < RELIABILITY[modality]:
+            return k
+        return int((k + self.rng.integers(1, len(REDUNDANT_CLASSES))) % len(REDUNDANT_CLASSES))
+
     def sample(self, i: int, label: str) -> dict[str, Any]:
-        shape, pitch, colour = label.split("-")
-        img, ext = _encode_image(self.rng, _image(self.rng, shape))
-        sr = int(self.rng.choice([8000, 16000, 22050, 44100, 48000], p=[0.3, 0.4, 0.2, 0.05, 0.05]))
+        if self.task == "redundant":
+            shape, filled = REDUNDANT_IMAGES[self._shown(label, "image")]
+            pitch: str | float = REDUNDANT_PITCHES[self._shown(label, "audio")]
+            colour = REDUNDANT_COLOURS[self._shown(label, "text")]
+        else:
+            (shape, pitch, colour), filled = label.split("-"), True
+        img, ext = _encode_image(self.rng, _image(self.rng, shape, filled))
+        sr = int(self.rng.choice([16000, 22050, 44100, 48000], p=[0.5, 0.3, 0.1, 0.1]) if self.task == "redundant"
+                 else self.rng.choice([8000, 16000, 22050, 44100, 48000], p=[0.3, 0.4, 0.2, 0.05, 0.05]))
         audio, aext = _encode_audio(self.rng, _tone(self.rng, pitch, sr, float(self.rng.uniform(0.6, 1.3))), sr)
         return {
             "id": _sample_id(i),
@@ -226,12 +260,17 @@ def _plan(samples: int, dirt_ratio: float, rng: np.random.Generator) -> list[str
     return ["clean"] * head + [rest[j] for j in rng.permutation(len(rest))]
 
 
-def write_demo_corpus(out: str | Path, samples: int = 2000, seed: int = 0, dirt_ratio: float = 0.05) -> dict[str, Any]:
-    """Write OUT/manifest.jsonl, OUT/media/*, OUT/dirt.json; byte-identical per arguments."""
+def write_demo_corpus(out: str | Path, samples: int = 2000, seed: int = 0, dirt_ratio: float = 0.05,
+                      task: str = "combined", missing: float = 0.0) -> dict[str, Any]:
+    """Write OUT/manifest.jsonl, OUT/media/*, OUT/dirt.json; byte-identical per arguments.
+    `missing`: share of clean rows that lack one modality (chosen at random); they are kept."""
     out = Path(out)
     rng = np.random.Generator(np.random.PCG64(seed))
-    w = _Writer(out, rng)
-    labels = [f"{s}-{p}-{c}" for s in SHAPES for p in PITCHES for c in COLOURS]
+    w = _Writer(out, rng, task)
+    if task == "redundant":
+        labels = list(REDUNDANT_CLASSES)
+    else:
+        labels = [f"{s}-{p}-{c}" for s in SHAPES for p in PITCHES for c in COLOURS]
     balanced = [labels[i % len(labels)] for i in range(samples)]
     rng.shuffle(balanced)
     clean: list[dict[str, Any]] = []
@@ -244,7 +283,11 @@ def write_demo_corpus(out: str | Path, samples: int = 2000, seed: int = 0, dirt_
         else:
             row = w.sample(i, balanced[i])
             line = _line(row) if kind == "clean" else _dirty(w, kind, i, row, clean)
-            if kind == "clean":
+            if kind == "clean" and missing > 0 and i >= 12 and rng.random() < missing:
+                gone = str(rng.choice(["image", "audio", "text"]))  # kept, but not a source of duplicates
+                line = _line({k: v for k, v in row.items() if k != gone})
+                dirt.append({"id": row["id"], "line": i + 1, "kind": f"lacks_{gone}", "reason": None})
+            elif kind == "clean":
                 clean.append(row)
             else:
                 entry = {"id": row["id"], "line": i + 1, "kind": kind, "reason": DIRT[kind]}

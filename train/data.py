@@ -76,7 +76,7 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
     foreign = fields - ALLOWED
     if foreign:
         raise ShardError(f"{raw.get('__url__', '?')}: refusing member(s) {sorted(foreign)} of sample {raw.get('__key__')!r}")
-    out: dict[str, Any] = {"key": raw["__key__"]}
+    out: dict[str, Any] = {"key": raw["__key__"], "shard": str(raw.get("__url__", "?")).rsplit("/", 1)[-1]}
     try:
         if "jpg" in raw:
             img = cv2.imdecode(np.frombuffer(raw["jpg"], np.uint8), cv2.IMREAD_COLOR)
@@ -214,8 +214,9 @@ class Shapes:
         )
 
 
-def collate(samples: list[dict[str, Any]], shapes: Shapes) -> dict[str, torch.Tensor]:
-    """Pad to a batch; a missing modality is zeros with present[:, m] == False."""
+def collate(samples: list[dict[str, Any]], shapes: Shapes) -> dict[str, Any]:
+    """Pad to a batch; a missing modality is zeros with present[:, m] == False.
+    `keys` and `shards` (lists of str) say where each sample came from, for error messages."""
     n = len(samples)
     frames = shapes.frames or max([s["audio"].shape[1] for s in samples if "audio" in s] or [1])
     tokens = max([len(s["text"]) for s in samples if "text" in s] or [1])
@@ -236,7 +237,13 @@ def collate(samples: list[dict[str, Any]], shapes: Shapes) -> dict[str, torch.Te
             present[i, 2] = True
     label = torch.tensor([s["label"] for s in samples], dtype=torch.long)
     arrays = {"image": image, "audio": audio, "text": text, "present": present}
-    return {**{k: torch.from_numpy(v) for k, v in arrays.items()}, "label": label}
+    origin = {"keys": [s.get("key", "?") for s in samples], "shards": [s.get("shard", "?") for s in samples]}
+    return {**{k: torch.from_numpy(v) for k, v in arrays.items()}, "label": label, **origin}
+
+
+def to_device(batch: dict[str, Any], device: torch.device, non_blocking: bool = False) -> dict[str, Any]:
+    """Tensors to the device; the origin lists stay as they are."""
+    return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 class TrainStream(IterableDataset):

@@ -1,5 +1,6 @@
-"""Evaluation on a split: accuracy, macro F1, per-class metrics, confusion matrix, and a
-modality ablation (the same test set with only one modality present)."""
+"""Evaluation on a split: accuracy, macro F1, per-class metrics, confusion matrix, accuracy
+per presence pattern found in the data (e.g. image+audio for rows without text), and a
+modality ablation (the same samples with only one modality present)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from mmprep.config import EvaluateConfig
 from train import data as D
-from train.model import FusionModel, Preprocess
+from train.model import MODALITIES, FusionModel, Preprocess, build_model
 
 ABLATIONS = {"image_only": 0, "audio_only": 1, "text_only": 2}
 
@@ -27,27 +28,34 @@ def load_run(run_dir: str, device: torch.device) -> tuple[FusionModel, Preproces
         raise FileNotFoundError(f"{config_path} not found: --model must be a run directory written by `mmprep train`")
     with open(config_path, encoding="utf-8") as f:
         cfg = json.load(f)["train"]
-    model = FusionModel(spec, cfg["fusion"], cfg["width"], cfg["text_encoder"])
+    model = build_model(spec, cfg)
     model.load_state_dict(torch.load(os.path.join(run_dir, "model.pt"), map_location="cpu", weights_only=True))
     return model.to(device).eval(), Preprocess(spec).to(device), spec
 
 
+def pattern_name(code: int) -> str:
+    """Presence bits (image=1, audio=2, text=4) → "image+text"; no modality → "none"."""
+    return "+".join(m for i, m in enumerate(MODALITIES) if code >> i & 1) or "none"
+
+
 @torch.no_grad()
-def predictions(model, prep, batches, device, only: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    labels, preds = [], []
+def predictions(model, prep, batches, device) -> dict[str, np.ndarray]:
+    """One pass: labels, the presence pattern of each sample (among the modalities the model
+    uses), the prediction with every present modality and with each one alone."""
+    out: dict[str, list[np.ndarray]] = {k: [] for k in ("label", "pattern", "all", *ABLATIONS)}
+    bits = torch.tensor([1, 2, 4], device=device)
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        present = batch["present"]
-        if only is not None:
-            keep = torch.zeros_like(present)
-            keep[:, only] = True
-            present = present & keep
+        batch = D.to_device(batch, device)
+        present = batch["present"] & model.use
         image, audio = prep(batch, augment=False)
-        logits = model(image, audio, batch["text"], present)
-        usable = present.any(dim=1) & (batch["label"] >= 0)
-        labels.append(batch["label"][usable].cpu().numpy())
-        preds.append(logits.argmax(1)[usable].cpu().numpy())
-    return np.concatenate(labels or [np.zeros(0, int)]), np.concatenate(preds or [np.zeros(0, int)])
+        out["label"].append(batch["label"].cpu().numpy())
+        out["pattern"].append((present.long() * bits).sum(1).cpu().numpy())
+        z = model.encode(image, audio, batch["text"])
+        out["all"].append(model.classify(z, present).argmax(1).cpu().numpy())
+        for name, index in ABLATIONS.items():
+            alone = present & (torch.arange(3, device=device) == index)
+            out[name].append(model.classify(z, alone).argmax(1).cpu().numpy())
+    return {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in out.items()}
 
 
 def scores(y: np.ndarray, p: np.ndarray, names: list[str]) -> dict[str, Any]:
@@ -80,12 +88,23 @@ def evaluate(data_dir: str, run_dir: str, output_json: str, cfg: EvaluateConfig)
     urls = D.shard_urls(data_dir, data_spec, cfg.split)
     shapes = D.Shapes.from_spec(spec)
     names = spec["labels"]
-    y, p = predictions(model, prep, D.EvalStream(urls, shapes, cfg.batch_size, data_spec.get("shards")), device)
-    metrics = {"split": cfg.split, "samples": int(len(y)), **scores(y, p, names)}
+    pred = predictions(model, prep, D.EvalStream(urls, shapes, cfg.batch_size, data_spec.get("shards")), device)
+    labeled = pred["label"] >= 0
+    y, p, pattern = pred["label"][labeled], pred["all"][labeled], pred["pattern"][labeled]
+    metrics = {"split": cfg.split, "samples": int(len(y)), "unlabeled_skipped": int((~labeled).sum()), **scores(y, p, names)}
+    # every labeled sample is scored above, also one without any modality the model uses
+    # ("none": the model can only guess); here the accuracy of each presence pattern found
+    metrics["by_presence"] = {
+        pattern_name(code): {"accuracy": float((y[pattern == code] == p[pattern == code]).mean()),
+                             "samples": int((pattern == code).sum())}
+        for code in sorted(set(pattern.tolist()), key=lambda c: (-bin(c).count("1"), c))
+    }
     metrics["ablation"] = {}
     for name, index in ABLATIONS.items():
-        ya, pa = predictions(model, prep, D.EvalStream(urls, shapes, cfg.batch_size, data_spec.get("shards")), device, only=index)
-        metrics["ablation"][name] = {"accuracy": float((ya == pa).mean()) if len(ya) else 0.0, "samples": int(len(ya))}
+        has = (pattern >> index & 1).astype(bool)  # samples without this modality cannot be scored on it alone
+        alone = pred[name][labeled][has]
+        metrics["ablation"][name] = {"accuracy": float((alone == y[has]).mean()) if has.any() else None,
+                                     "samples": int(has.sum()), "without_modality": int((~has).sum())}
     os.makedirs(os.path.dirname(os.path.abspath(output_json)), exist_ok=True)
     tmp = f"{output_json}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:

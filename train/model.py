@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 FUSIONS = ("concat", "weighted_sum", "product", "attention")
+MODALITIES = ("image", "audio", "text")
 
 
 def _block(a: int, b: int, stride: int = 1) -> list[nn.Module]:
@@ -19,7 +20,9 @@ def _block(a: int, b: int, stride: int = 1) -> list[nn.Module]:
 def conv_stack(in_ch: int, width: int) -> nn.Sequential:
     """Small CNN → global MAX pool → [B, width]. Max pooling keeps "is this pattern anywhere"
     (a corner, a tone's band): with average pooling it learned shapes several times slower."""
-    layers = _block(in_ch, 32, stride=2) + _block(32, 64) + [nn.MaxPool2d(2)] + _block(64, 128) + [nn.MaxPool2d(2)]
+    # ceil_mode: a small input (few MFCC bins, a tiny image) pools down to 1 pixel, never to 0
+    layers = _block(in_ch, 32, stride=2) + _block(32, 64) + [nn.MaxPool2d(2, ceil_mode=True)] + _block(64, 128)
+    layers += [nn.MaxPool2d(2, ceil_mode=True)]
     layers += _block(128, width) + [nn.AdaptiveMaxPool2d(1), nn.Flatten()]
     return nn.Sequential(*layers)
 
@@ -37,18 +40,25 @@ class TextEncoder(nn.Module):
             self.body = nn.GRU(width, width // 2, batch_first=True, bidirectional=True)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Mean over the non-pad positions; a row of pads only (no text) gives zeros, never NaN."""
         pad = tokens == self.pad_id
         x = self.embed(tokens)
         if self.kind == "transformer":
-            x = self.body(x + self.pos[:, : x.shape[1]], src_key_padding_mask=pad)
+            # a fully masked row makes attention softmax over nothing (NaN in eval's fast path):
+            # such rows attend unmasked; their output is discarded below and by the presence mask
+            attend = pad & ~pad.all(dim=1, keepdim=True)
+            x = self.body(x + self.pos[:, : x.shape[1]], src_key_padding_mask=attend)
         else:
             x, _ = self.body(x)
-        keep = (~pad).unsqueeze(-1).float()
+        keep = (~pad).unsqueeze(-1).to(x.dtype)
         return (x * keep).sum(1) / keep.sum(1).clamp(min=1.0)
 
 
 class Fusion(nn.Module):
-    """[B, 3, W] modality vectors + [B, 3] presence → [B, F] fused features."""
+    """[B, 3, W] modality vectors + [B, 3] presence → [B, F] fused features.
+
+    An absent modality's vector is replaced by zeros with `torch.where` (never multiplied by
+    the mask: NaN × 0 is NaN), so no input of an absent modality can reach the output."""
 
     def __init__(self, kind: str, width: int) -> None:
         super().__init__()
@@ -58,58 +68,108 @@ class Fusion(nn.Module):
         if kind == "weighted_sum":
             self.logits = nn.Parameter(torch.zeros(3))
         if kind == "attention":
-            self.cls = nn.Parameter(torch.zeros(1, 1, width))
+            self.cls = nn.Parameter(torch.randn(1, 1, width) * 0.02)
             self.modality_embed = nn.Parameter(torch.randn(1, 3, width) * 0.02)
             self.layer = nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.1, batch_first=True, norm_first=True)
+            self.norm = nn.LayerNorm(width)
         self.out_dim = {"concat": 3 * width, "weighted_sum": width, "product": 7 * width, "attention": width}[kind]
 
     def forward(self, z: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        mask = present.unsqueeze(-1).to(z.dtype)
-        z = z * mask
+        z = torch.where(present.unsqueeze(-1), z, torch.zeros((), dtype=z.dtype, device=z.device))
         if self.kind == "concat":
             return z.flatten(1)
         if self.kind == "weighted_sum":
             logits = self.logits.expand_as(present).masked_fill(~present, float("-inf"))
-            return (torch.softmax(logits, dim=1).unsqueeze(-1) * z).sum(1)
+            weights = torch.softmax(logits, dim=1).nan_to_num(0.0)  # no modality at all: zeros, not NaN
+            return (weights.unsqueeze(-1) * z).sum(1)
         if self.kind == "product":
             a, b, c = z[:, 0], z[:, 1], z[:, 2]
             return torch.cat([a, b, c, a * b, a * c, b * c, a * b * c], dim=1)
         tokens = torch.cat([self.cls.expand(z.shape[0], -1, -1), z + self.modality_embed], dim=1)
-        pad = torch.cat([torch.zeros_like(present[:, :1]), ~present], dim=1)
-        return self.layer(tokens, src_key_padding_mask=pad)[:, 0]
+        pad = torch.cat([torch.zeros_like(present[:, :1]), ~present], dim=1)  # the CLS token is never masked
+        return self.norm(self.layer(tokens, src_key_padding_mask=pad)[:, 0])
 
 
 class FusionModel(nn.Module):
-    def __init__(self, spec: dict[str, Any], fusion: str, width: int, text_encoder: str) -> None:
+    """Encoders → per-modality projections → fusion → classifier head.
+
+    Only the modalities the data has (dataset.json features) and the run uses (train.modalities)
+    get an encoder; the others are absent in every sample. With `aux_heads`, each modality also
+    has its own linear classifier on its projected vector (unimodal auxiliary losses in the
+    recipe), so every encoder learns on its own merit."""
+
+    def __init__(self, spec: dict[str, Any], fusion: str, width: int, text_encoder: str, aux_heads: bool = False,
+                 modalities: tuple[str, ...] | list[str] = MODALITIES) -> None:
         super().__init__()
         f = spec["features"]
-        text = f.get("text", {"vocab_size": 8, "pad_id": 0, "max_tokens": 8})
-        self.image = conv_stack(3, width)
-        self.audio = conv_stack(1, width)
-        self.text = TextEncoder(text["vocab_size"], width, text_encoder, text["pad_id"], text["max_tokens"])
-        self.proj = nn.ModuleList([nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width)) for _ in range(3)])
+        active = [m in modalities and m in f for m in MODALITIES]
+        if not any(active):
+            raise ValueError(f"train.modalities {list(modalities)} are not in the data (it has {', '.join(f) or 'none'})")
+        self.register_buffer("use", torch.tensor(active), persistent=False)
+        classes = max(1, len(spec["labels"]))
+        self.width = width
+        self.image = conv_stack(3, width) if active[0] else None
+        self.audio = conv_stack(1, width) if active[1] else None
+        text = f.get("text", {})
+        self.text = TextEncoder(text["vocab_size"], width, text_encoder, text["pad_id"], text["max_tokens"]) if active[2] else None
+        self.proj = nn.ModuleList([nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width)) if a else nn.Identity()
+                                   for a in active])
         self.fusion = Fusion(fusion, width)
-        self.head = nn.Sequential(nn.Linear(self.fusion.out_dim, width), nn.GELU(), nn.Dropout(0.1),
-                                  nn.Linear(width, max(1, len(spec["labels"]))))
+        self.head = nn.Sequential(nn.Linear(self.fusion.out_dim, width), nn.GELU(), nn.Dropout(0.1), nn.Linear(width, classes))
+        self.aux = nn.ModuleList([nn.Linear(width, classes) if a else nn.Identity() for a in active]) if aux_heads else None
 
-    def forward(self, image: torch.Tensor, audio: torch.Tensor, text: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        vectors = [self.image(image), self.audio(audio.unsqueeze(1)), self.text(text)]
-        z = torch.stack([p(v) for p, v in zip(self.proj, vectors, strict=True)], dim=1)
-        return self.head(self.fusion(z, present))
+    def encode(self, image: torch.Tensor, audio: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """[B, 3, width] projected modality vectors (zeros for an unused modality)."""
+        encoded = {0: (self.image, image), 1: (self.audio, audio.unsqueeze(1)), 2: (self.text, text)}
+        vectors = {m: self.proj[m](enc(x)) for m, (enc, x) in encoded.items() if enc is not None}
+        some = next(iter(vectors.values()))
+        return torch.stack([vectors.get(m, some.new_zeros(some.shape)) for m in range(3)], dim=1)
+
+    def classify(self, z: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Fused logits [B, C] of encoded vectors under a presence mask (evaluation re-uses one
+        encoding for several masks)."""
+        return self.head(self.fusion(z, present & self.use))
+
+    def forward(self, image: torch.Tensor, audio: torch.Tensor, text: torch.Tensor, present: torch.Tensor,
+                with_aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, C]; with `with_aux` also the unimodal heads' logits [B, 3, C] (zeros for an
+        unused modality)."""
+        z = self.encode(image, audio, text)
+        logits = self.classify(z, present)
+        if not with_aux:
+            return logits
+        if self.aux is None:
+            raise ValueError("this model has no unimodal heads (train.aux_loss was 0)")
+        aux = [self.aux[m](z[:, m]) if self.use[m] else logits.new_zeros(logits.shape) for m in range(3)]
+        return logits, torch.stack(aux, dim=1).to(logits.dtype)
 
 
-def modality_dropout(present: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Drop each present modality with probability p, never all of a sample's modalities."""
-    if p <= 0:
+def build_model(spec: dict[str, Any], train_params: dict[str, Any]) -> FusionModel:
+    """The model a run's train params describe (runs from before a param existed get its old behaviour)."""
+    p = train_params
+    return FusionModel(spec, p["fusion"], p["width"], p["text_encoder"], aux_heads=p.get("aux_loss", 0.0) > 0,
+                       modalities=tuple(p.get("modalities", MODALITIES)))
+
+
+def modality_dropout(present: torch.Tensor, p: float, single: float = 0.0,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Training-time presence: a `single` share of samples keeps one random present modality
+    only (so the head learns each modality alone, as evaluate's ablation and a user's partial
+    input use it); the others drop each present modality with probability p. A sample never
+    loses all of its modalities."""
+    if p <= 0 and single <= 0:
         return present
-    drop = torch.rand(present.shape, device=present.device, generator=generator) < p
+    dev = present.device
+    drop = torch.rand(present.shape, device=dev, generator=generator) < p
     kept = present & ~drop
     empty = ~kept.any(dim=1)
-    if empty.any():
-        # restore one present modality (the first) for samples that lost all of them
-        first = torch.argmax(present.int(), dim=1)
-        kept[empty, first[empty]] = True
-    return kept & present
+    # one present modality, chosen at random (ties broken by noise), for single-modality samples
+    # and for samples that lost all of them
+    noise = torch.rand(present.shape, device=dev, generator=generator)
+    pick = torch.argmax(torch.where(present, noise, -1.0), dim=1)
+    one = torch.zeros_like(present).scatter_(1, pick.unsqueeze(1), True) & present
+    alone = torch.rand(present.shape[0], device=dev, generator=generator) < single
+    return torch.where((alone | empty).unsqueeze(1), one, kept)
 
 
 class Preprocess(nn.Module):

@@ -13,6 +13,7 @@ from mmprep.config import params_from_dict
 from mmprep.records import RawRow, Reject
 from train import data as D
 from train.evaluate import load_run
+from train.model import MODALITIES
 
 
 def predict(run_dir: str, image: str | None = None, audio: str | None = None, text: str | None = None) -> dict[str, Any]:
@@ -21,6 +22,13 @@ def predict(run_dir: str, image: str | None = None, audio: str | None = None, te
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, prep, spec = load_run(run_dir, device)
+    given = {"image": image, "audio": audio, "text": text}
+    known = {m for i, m in enumerate(MODALITIES) if bool(model.use[i]) and m in spec["features"]}
+    unknown = [m for m, v in given.items() if v is not None and m not in known]
+    if unknown:
+        raise ValueError(f"this model was not trained on {' or '.join(unknown)} (it uses {', '.join(sorted(known)) or 'nothing'})")
+    if text is not None and not os.path.isfile(os.path.join(run_dir, "tokenizer.model")):
+        raise ValueError(f"{run_dir} has no tokenizer.model: --text cannot be encoded for this model")
     cfg = params_from_dict({"prepare": spec["params"]["prepare"]}).prepare
     row = RawRow(source="predict", order=0, id="predict", image=image, audio=audio, text=text)
     loaded: dict[str, Any] = {m: Path(p).read_bytes() for m, p in (("image", image), ("audio", audio)) if p}
@@ -39,7 +47,7 @@ def predict(run_dir: str, image: str | None = None, audio: str | None = None, te
     if sample.text is not None:
         tok = Tokenizer.from_file(os.path.join(run_dir, "tokenizer.model"))
         raw["text"] = tok.encode(sample.text, cfg.text.max_tokens).astype(np.int64)
-    batch = {k: v.to(device) for k, v in D.collate([raw], D.Shapes.from_spec(spec)).items()}
+    batch = D.to_device(D.collate([raw], D.Shapes.from_spec(spec)), device)
     with torch.no_grad():
         image_t, audio_t = prep(batch, augment=False)
         probs = torch.softmax(model(image_t, audio_t, batch["text"], batch["present"]).float(), dim=1)[0].cpu()

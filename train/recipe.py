@@ -27,7 +27,11 @@ import torch.nn.functional as F
 
 from mmprep.config import TrainConfig
 from train import data as D
-from train.model import FusionModel, Preprocess, modality_dropout
+from train.model import MODALITIES, Preprocess, build_model, modality_dropout
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced NaN/inf logits or loss: stop at once, naming the batch."""
 
 
 # ---- config -------------------------------------------------------------------------------
@@ -117,7 +121,7 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
     epochs = math.ceil(total / batches)
 
     # model
-    model = FusionModel(spec, cfg.fusion, cfg.width, cfg.text_encoder).to(device)
+    model = build_model(spec, asdict(cfg)).to(device)
     prep = Preprocess(spec).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, total))
@@ -161,12 +165,12 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
             if index < skip:
                 continue
             timer["wait"] += time.perf_counter() - t0
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            present = modality_dropout(batch["present"], cfg.modality_dropout)
+            batch = D.to_device(batch, device, non_blocking=True)
+            present = batch["present"] & model.use
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                 image, audio = prep(batch, augment=cfg.augment)
-                logits = fwd(image, audio, batch["text"], present)
-                loss = F.cross_entropy(logits.float(), batch["label"], ignore_index=-1)
+                loss, logits = objective(fwd, image, audio, batch, present, cfg)
+            check_finite(loss, logits, batch, step + 1, {"image": image, "audio": audio})
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -187,11 +191,14 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
 
         # metrics (rank 0 validates on the whole val split; the others wait)
         if main:
-            val_acc = validate(model, prep, data_dir, spec, shapes, device) if spec["splits"]["val"]["samples"] else float("nan")
+            val = validate(model, prep, data_dir, spec, shapes, device) if spec["splits"]["val"]["samples"] else {}
+            val_acc = val.get("accuracy", float("nan"))
             row = {"epoch": epoch + 1, "step": step, "train_loss": float(timer["loss"]) / max(1, timer["n"]), "val_accuracy": val_acc,
-                   "lr": scheduler.get_last_lr()[0]}
+                   **{f"val_{k}": v for k, v in val.items() if k != "accuracy"}, "lr": scheduler.get_last_lr()[0]}
             history.append(row)
-            print(f"[train] epoch {epoch + 1}/{epochs} loss {row['train_loss']:.4f} val_accuracy {val_acc:.4f}", file=sys.stderr)
+            alone = " ".join(f"{k} {v:.3f}" for k, v in val.items() if k != "accuracy")
+            print(f"[train] epoch {epoch + 1}/{epochs} loss {row['train_loss']:.4f} val_accuracy {val_acc:.4f}"
+                  + (f" (one modality: {alone})" if alone else ""), file=sys.stderr)
             _log_live(live, row)
             if val_acc > best or math.isnan(val_acc):
                 best = val_acc if not math.isnan(val_acc) else best
@@ -215,20 +222,77 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
     return result
 
 
+def objective(net, image, audio, batch, present, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of the fused logits (under modality dropout) over labeled samples, plus
+    `aux_loss` × the unimodal heads' cross-entropy over every (labeled sample, present modality):
+    each encoder is trained to classify alone, so none is left idle behind an easier one."""
+    label = batch["label"]
+    labeled = label >= 0
+    target = label.clamp(min=0)
+    dropped = modality_dropout(present, cfg.modality_dropout, cfg.single_modality)
+    if cfg.aux_loss > 0:
+        logits, aux = net(image, audio, batch["text"], dropped, with_aux=True)
+    else:
+        logits, aux = net(image, audio, batch["text"], dropped), None
+    # a mean over labeled samples only: a batch without labels gives 0, not NaN (0/0)
+    fused = F.cross_entropy(logits.float(), target, reduction="none")
+    loss = torch.where(labeled, fused, 0.0).sum() / labeled.sum().clamp(min=1)
+    if aux is not None:
+        per = F.cross_entropy(aux.float().flatten(0, 1), target.repeat_interleave(3), reduction="none").view(-1, 3)
+        use = present & labeled.unsqueeze(1)
+        loss = loss + cfg.aux_loss * torch.where(use, per, 0.0).sum() / use.sum().clamp(min=1)
+    return loss, logits
+
+
+def check_finite(loss: torch.Tensor, logits: torch.Tensor, batch: dict[str, Any], step: int,
+                 inputs: dict[str, torch.Tensor]) -> None:
+    """One device sync per step; NaN/inf never trains on silently. The error names the samples
+    whose input is non-finite (one bad sample spreads NaN to the whole batch via BatchNorm), else
+    the samples with non-finite logits, else the whole batch."""
+    rows = torch.isfinite(logits).all(dim=1)
+    if bool(torch.isfinite(loss) & rows.all()):
+        return
+    n = len(rows)
+    bad = [i for i, ok in enumerate(rows.tolist()) if not ok]
+    what = f"logits in {len(bad)} of {n} samples" if bad else "loss"
+    culprits: dict[int, list[str]] = {}
+    for name, x in inputs.items():
+        for i in (~torch.isfinite(x.float().flatten(1)).all(dim=1)).nonzero().flatten().tolist():
+            culprits.setdefault(i, []).append(name)
+    suspects = sorted(culprits) or bad or list(range(n))
+    kinds = sorted({m for names in culprits.values() for m in names})
+    keys = [batch["keys"][i] for i in suspects]
+    shards = sorted({batch["shards"][i] for i in suspects})
+    raise NonFiniteError(f"step {step}: non-finite {what}; " + (f"non-finite {'/'.join(kinds)} input in " if kinds else "")
+                         + f"key(s) {', '.join(keys[:8])}" + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+                         + f" of shard(s) {', '.join(shards)}")
+
+
 @torch.no_grad()
-def validate(model, prep, data_dir, spec, shapes, device, split: str = "val") -> float:
+def validate(model, prep, data_dir, spec, shapes, device, split: str = "val") -> dict[str, float]:
+    """Accuracy with every modality the sample has, and with each used modality alone (a lazy
+    encoder shows as a low `<modality>_only` while training)."""
     model.eval()
-    correct = count = 0
+    used = [i for i, m in enumerate(MODALITIES) if bool(model.use[i])]
+    names = ["accuracy"] + [f"{MODALITIES[i]}_only" for i in used] if len(used) > 1 else ["accuracy"]
+    correct, count = dict.fromkeys(names, 0), dict.fromkeys(names, 0)
     for batch in D.EvalStream(D.shard_urls(data_dir, spec, split), shapes, 256, spec.get("shards")):
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = D.to_device(batch, device)
         image, audio = prep(batch, augment=False)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            pred = model(image, audio, batch["text"], batch["present"]).argmax(1)
         labeled = batch["label"] >= 0
-        correct += int((pred[labeled] == batch["label"][labeled]).sum())
-        count += int(labeled.sum())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            z = model.encode(image, audio, batch["text"])
+        for name in names:
+            present = batch["present"] & model.use
+            if name != "accuracy":
+                present = present & (torch.arange(3, device=device) == MODALITIES.index(name[:-5]))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                pred = model.classify(z, present).argmax(1)
+            scored = labeled & (present.any(dim=1) if name != "accuracy" else True)  # like evaluate: all labeled
+            correct[name] += int((pred[scored] == batch["label"][scored]).sum())
+            count[name] += int(scored.sum())
     model.train()
-    return correct / count if count else float("nan")
+    return {k: correct[k] / count[k] if count[k] else float("nan") for k in names}
 
 
 # knobs that may change between a run and its resumption
@@ -286,9 +350,10 @@ def _live(run_dir: str, live_dir: str | None, resume: bool):
 def _log_live(live, row: dict[str, float]) -> None:
     if live is None:
         return
-    for key in ("train_loss", "val_accuracy", "lr"):
-        if not math.isnan(row[key]):
-            live.log_metric(f"train/{key}" if key != "val_accuracy" else "val/accuracy", row[key])
+    for key, value in row.items():
+        if key in ("epoch", "step") or math.isnan(value):
+            continue
+        live.log_metric(f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}", value)
     live.next_step()
 
 
@@ -319,8 +384,12 @@ def _plot(history: list[dict[str, float]], path: str) -> None:
     epochs = [h["epoch"] for h in history]
     a.plot(epochs, [h["train_loss"] for h in history], marker="o")
     a.set(title="train loss", xlabel="epoch")
-    b.plot(epochs, [h["val_accuracy"] for h in history], marker="o", color="tab:green")
+    b.plot(epochs, [h["val_accuracy"] for h in history], marker="o", color="tab:green", label="all modalities")
+    for key in sorted({k for h in history for k in h if k.endswith("_only")}):
+        b.plot(epochs, [h.get(key, float("nan")) for h in history], linestyle="--", label=key[4:].replace("_", " "))
     b.set(title="val accuracy", xlabel="epoch", ylim=(0, 1))
+    if len(b.get_lines()) > 1:
+        b.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -29,8 +29,11 @@ def _sample(rng: np.random.Generator, label: int) -> dict:
 
 
 def write_tiny_dataset(out: Path, per_split: dict[str, int] | None = None, shards: dict[str, int] | None = None,
-                       seed: int = 0) -> Path:
+                       seed: int = 0, missing: dict[str, float] | None = None, poison: str | None = None) -> Path:
+    """`missing`: share of samples without each modality ("image"/"audio"/"text"; 1.0 = absent
+    from the dataset, no feature entry in dataset.json); `poison`: a key whose mel holds inf."""
     per_split = per_split or {"train": 384, "val": 64, "test": 64}
+    missing = missing or {}
     shards = shards or {"train": 3, "val": 1, "test": 1}
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -41,7 +44,14 @@ def write_tiny_dataset(out: Path, per_split: dict[str, int] | None = None, shard
             label = int(rng.integers(0, 8))
             s = _sample(rng, label)
             key = f"{split}-{i:05d}"
-            samples.append((key, sample_members(key, meta={"id": key}, jpg=s["jpg"], mel=s["mel"], tokens=s["tokens"], label_id=label)))
+            gone = {m for m in ("image", "audio", "text") if rng.random() < missing.get(m, 0.0)}
+            if len(gone) == 3:
+                gone.discard("image" if missing.get("image", 0.0) < 1.0 else "audio" if missing.get("audio", 0.0) < 1.0 else "text")
+            if key == poison:
+                s["mel"][0, 0] = np.inf
+            samples.append((key, sample_members(key, meta={"id": key}, jpg=None if "image" in gone else s["jpg"],
+                                                mel=None if "audio" in gone else s["mel"],
+                                                tokens=None if "text" in gone else s["tokens"], label_id=label)))
         names = []
         for k in range(shards[split]):
             name = shard_name(split, k)
@@ -59,7 +69,10 @@ def write_tiny_dataset(out: Path, per_split: dict[str, int] | None = None, shard
         },
         "splits": splits,
         "shards": infos,
-        "params": {"prepare": {}},
+        "params": {"prepare": {"image": {"size": SIZE}, "audio": {"n_mels": BINS, "n_mfcc": BINS}, "text": {"max_tokens": TOKENS}}},
     }
+    for m, member in (("image", "image"), ("audio", "audio"), ("text", "text")):
+        if missing.get(m, 0.0) >= 1.0:
+            del spec["features"][member]
     (out / "dataset.json").write_text(json.dumps(spec))
     return out

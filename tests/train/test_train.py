@@ -36,11 +36,20 @@ def tiny(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("fusion", ["concat", "weighted_sum", "product", "attention"])
 def test_every_fusion_mode_learns_well_above_chance(tiny, tmp_path, fusion):
     run = tmp_path / "run"
-    train(str(tiny), str(run), replace(FAST, fusion=fusion, text_encoder="gru" if fusion == "product" else "transformer"))
+    train(str(tiny), str(run), replace(FAST, fusion=fusion, text_encoder="gru" if fusion == "product" else "transformer"),
+          live_dir=str(tmp_path / "live"))
     metrics = evaluate(str(tiny), str(run), str(tmp_path / "m.json"), EvaluateConfig())
     assert metrics["accuracy"] >= 0.6, metrics["accuracy"]  # chance is 1/8
     assert set(metrics["ablation"]) == {"image_only", "audio_only", "text_only"}
     assert all(m["accuracy"] < metrics["accuracy"] for m in metrics["ablation"].values())
+    # each modality alone carries one bit of three: its ceiling is 0.25 (chance 0.125); a lazy encoder sits at chance
+    assert all(m["accuracy"] >= 0.18 for m in metrics["ablation"].values()), metrics["ablation"]
+    assert metrics["by_presence"] == {"image+audio+text": {"accuracy": metrics["accuracy"], "samples": 64}}
+    # validation's per-modality accuracy is in DVCLive, so a lazy encoder is visible while training
+    live = json.loads((tmp_path / "live" / "metrics.json").read_text())
+    assert set(live["val"]) == {"accuracy", "image_only", "audio_only", "text_only"}, live
+    history = json.loads((run / "train_config.json").read_text())["history"]
+    assert all({"val_image_only", "val_audio_only", "val_text_only"} <= set(h) for h in history)
     assert (tmp_path / "m_confusion.png").stat().st_size > 1000
     for name in ("model.pt", "dataset.json", "train_config.json", "curves.png", "checkpoints/last.pt", "checkpoints/best.pt"):
         assert (run / name).exists(), name
