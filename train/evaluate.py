@@ -29,7 +29,9 @@ def load_run(run_dir: str, device: torch.device) -> tuple[FusionModel, Preproces
     with open(config_path, encoding="utf-8") as f:
         cfg = json.load(f)["train"]
     model = build_model(spec, cfg)
-    model.load_state_dict(torch.load(os.path.join(run_dir, "model.pt"), map_location="cpu", weights_only=True))
+    state = torch.load(os.path.join(run_dir, "model.pt"), map_location="cpu", weights_only=True)
+    # runs from before absent modalities had no encoder carry weights for them: unused, dropped here
+    model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()})
     return model.to(device).eval(), Preprocess(spec).to(device), spec
 
 

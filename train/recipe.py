@@ -384,7 +384,7 @@ def _plot(history: list[dict[str, float]], path: str) -> None:
     epochs = [h["epoch"] for h in history]
     a.plot(epochs, [h["train_loss"] for h in history], marker="o")
     a.set(title="train loss", xlabel="epoch")
-    b.plot(epochs, [h["val_accuracy"] for h in history], marker="o", color="tab:green", label="all modalities")
+    b.plot(epochs, [h["val_accuracy"] for h in history], marker="o", color="black", label="all modalities")
     for key in sorted({k for h in history for k in h if k.endswith("_only")}):
         b.plot(epochs, [h.get(key, float("nan")) for h in history], linestyle="--", label=key[4:].replace("_", " "))
     b.set(title="val accuracy", xlabel="epoch", ylim=(0, 1))
