@@ -106,8 +106,8 @@ class FusionModel(nn.Module):
         if not any(active):
             raise ValueError(f"train.modalities {list(modalities)} are not in the data (it has {', '.join(f) or 'none'})")
         self.register_buffer("use", torch.tensor(active), persistent=False)
+        self.active = tuple(active)  # the same as plain bools: no device sync or graph break where code branches on it
         classes = max(1, len(spec["labels"]))
-        self.width = width
         self.image = conv_stack(3, width) if active[0] else None
         self.audio = conv_stack(1, width) if active[1] else None
         text = f.get("text", {})
@@ -140,7 +140,7 @@ class FusionModel(nn.Module):
             return logits
         if self.aux is None:
             raise ValueError("this model has no unimodal heads (train.aux_loss was 0)")
-        aux = [self.aux[m](z[:, m]) if self.use[m] else logits.new_zeros(logits.shape) for m in range(3)]
+        aux = [self.aux[m](z[:, m]) if self.active[m] else logits.new_zeros(logits.shape) for m in range(3)]
         return logits, torch.stack(aux, dim=1).to(logits.dtype)
 
 

@@ -23,7 +23,7 @@ def predict(run_dir: str, image: str | None = None, audio: str | None = None, te
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, prep, spec = load_run(run_dir, device)
     given = {"image": image, "audio": audio, "text": text}
-    known = {m for i, m in enumerate(MODALITIES) if bool(model.use[i]) and m in spec["features"]}
+    known = {m for m, used in zip(MODALITIES, model.active, strict=True) if used}
     unknown = [m for m, v in given.items() if v is not None and m not in known]
     if unknown:
         raise ValueError(f"this model was not trained on {' or '.join(unknown)} (it uses {', '.join(sorted(known)) or 'nothing'})")

@@ -273,7 +273,7 @@ def validate(model, prep, data_dir, spec, shapes, device, split: str = "val") ->
     """Accuracy with every modality the sample has, and with each used modality alone (a lazy
     encoder shows as a low `<modality>_only` while training)."""
     model.eval()
-    used = [i for i, m in enumerate(MODALITIES) if bool(model.use[i])]
+    used = [i for i, m in enumerate(MODALITIES) if model.active[i]]
     names = ["accuracy"] + [f"{MODALITIES[i]}_only" for i in used] if len(used) > 1 else ["accuracy"]
     correct, count = dict.fromkeys(names, 0), dict.fromkeys(names, 0)
     for batch in D.EvalStream(D.shard_urls(data_dir, spec, split), shapes, 256, spec.get("shards")):
