@@ -23,8 +23,7 @@ def _demo_corpus(argv: list[str]) -> int:
     cfg = params_from_dict({"demo_corpus": {**to_dict(cfg), **overrides}}).demo_corpus
     from mmprep.democorpus import write_demo_corpus
 
-    summary = write_demo_corpus(args.out, samples=cfg.samples, seed=cfg.seed, dirt_ratio=cfg.dirt_ratio, task=cfg.task,
-                                missing=cfg.missing)
+    summary = write_demo_corpus(args.out, **to_dict(cfg))  # the demo_corpus section is the function's keywords
     print(f"demo corpus: {summary.get('rows', cfg.samples)} rows → {args.out}/manifest.jsonl")
     return 0
 

@@ -36,4 +36,3 @@ def test_loader_errors_and_weak_labels():
     assert (sample.label, sample.meta["label_source"]) == ("red", "rule")
     assert sample.meta["image"]["width"] == 40 and len(sample.meta["image"]["sha256"]) == 64
     assert sample.key.startswith("x-") and sample.hashes.keys() == {"image", "text", "text_link"}
-
