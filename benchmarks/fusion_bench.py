@@ -42,7 +42,7 @@ def prepared(work: Path, corpus: str, samples: int, params: Path) -> Path:
     src, out = work / corpus / "corpus", work / corpus / "prepared"
     if not (out / "dataset.json").exists():
         cfg = {**to_dict(load_params(params).demo_corpus), "samples": samples, **CORPORA[corpus]}
-        write_demo_corpus(src, **{k: v for k, v in cfg.items()})
+        write_demo_corpus(src, **cfg)
         cmd = [sys.executable, "-m", "mmprep.cli", "prepare", "--input", str(src / "manifest.jsonl"), "--output", str(out),
                "--params", str(params)]
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
