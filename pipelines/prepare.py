@@ -24,7 +24,7 @@ from mmprep.config import PrepareConfig, load_params
 from mmprep.labels import build_label_map
 from mmprep.split import assign_splits
 from pipelines import steps
-from pipelines.read import REJECTS, InputError, ReadRowsFn, resolve_input
+from pipelines.read import InputError, ReadRowsFn, resolve_input
 from pipelines.write import FinalizeFn, WriteShardFn, join, shard_key
 
 
@@ -56,28 +56,25 @@ def pipeline_options(beam_args: list[str], workers: int | None) -> PipelineOptio
 
 
 def build(p: beam.Pipeline, kind: str, src: str, out: str, cfg: PrepareConfig) -> None:
-    read = p | "Source" >> beam.Create([(kind, src)]) | "ReadRows" >> beam.ParDo(ReadRowsFn()).with_outputs(
-        REJECTS, main="rows"
-    )
-    input_rows = (read.rows, read[REJECTS]) | "AllRows" >> beam.Flatten() | "CountRows" >> beam.combiners.Count.Globally()
-    unique = (
-        read.rows
+    rows, read_rejects = p | "Source" >> beam.Create([(kind, src)]) | "ReadRows" >> steps.Separate(ReadRowsFn())
+    input_rows = (rows, read_rejects) | "AllRows" >> beam.Flatten() | "CountRows" >> beam.combiners.Count.Globally()
+    unique, id_rejects = (
+        rows
         | "KeyById" >> beam.Map(steps.by_id)
         | "GroupById" >> beam.GroupByKey()
-        | "FirstById" >> beam.ParDo(steps.KeepFirstFn("duplicate_id", "id already used by")).with_outputs(REJECTS, main="rows")
+        | "FirstById" >> steps.Separate(steps.KeepFirstFn("duplicate_id", "id already used by"))
     )
-    processed = (
-        unique.rows
+    processed, process_rejects = (
+        unique
         | "Spread" >> beam.Reshuffle()
-        | "Process" >> beam.ParDo(steps.ProcessRowFn(cfg)).with_outputs(REJECTS, main="samples")
+        | "Process" >> steps.Separate(steps.ProcessRowFn(cfg))
     )
-    deduped = (
-        processed.samples
+    samples, duplicate_rejects = (
+        processed
         | "KeyBySignature" >> beam.Map(steps.by_signature)
         | "GroupBySignature" >> beam.GroupByKey()
-        | "Canonical" >> beam.ParDo(steps.KeepFirstFn("duplicate", "same content as")).with_outputs(REJECTS, main="samples")
+        | "Canonical" >> steps.Separate(steps.KeepFirstFn("duplicate", "same content as"))
     )
-    samples = deduped.samples
     labels = (
         samples
         | "Labels" >> beam.FlatMap(steps.label_of)
@@ -98,7 +95,7 @@ def build(p: beam.Pipeline, kind: str, src: str, out: str, cfg: PrepareConfig) -
     model = (
         train
         | "TrainTexts" >> beam.FlatMap(steps.train_text, cfg.split_salt)
-        | "TextSample" >> beam.combiners.Top.Smallest(cfg.text.tokenizer_sample)
+        | "TextSample" >> beam.CombineGlobally(steps.SmallestFn(cfg.text.tokenizer_sample))
         | "TrainTokenizer" >> beam.Map(_train_tokenizer, cfg)
     )
     bins = cfg.audio.n_mels if cfg.audio.feature == "logmel" else cfg.audio.n_mfcc
@@ -119,7 +116,7 @@ def build(p: beam.Pipeline, kind: str, src: str, out: str, cfg: PrepareConfig) -
         | "GroupByShard" >> beam.GroupByKey()
         | "WriteShards" >> beam.ParDo(WriteShardFn(out))
     )
-    rejects = (read[REJECTS], unique[REJECTS], processed[REJECTS], deduped[REJECTS]) | "AllRejects" >> beam.Flatten()
+    rejects = (read_rejects, id_rejects, process_rejects, duplicate_rejects) | "AllRejects" >> beam.Flatten()
     side = beam.pvalue
     _ = (
         p
@@ -172,18 +169,23 @@ def run(argv: list[str] | None = None) -> int:
 
 def report(out: str, cfg: PrepareConfig, result, seconds: float) -> int:
     """Print the Beam counters and the dataset summary; non-zero past max_reject_ratio."""
-    counters = result.metrics().query(MetricsFilter())["counters"]
+    try:
+        counters = result.metrics().query(MetricsFilter())["counters"]
+    except NotImplementedError:  # the DaskRunner collects no metrics (Beam 2.77); dataset.json has the counts
+        counters = []
     lines = sorted((f"{c.key.metric.namespace}.{c.key.metric.name}", c.committed) for c in counters)
-    print("\nBeam counters", file=sys.stderr)
+    if lines:
+        print("\nBeam counters", file=sys.stderr)
     for name, value in lines:
         print(f"  {name:<40} {value:>10}", file=sys.stderr)
     done = join(out, "dataset.json")
     if not FileSystems.exists(done):
         rejected = sum(v for n, v in lines if n.startswith("rejects."))
-        read = sum(v for n, v in lines if n == "read.rows") or 1
+        read = sum(v for n, v in lines if n == "read.rows")
+        share = f"{rejected}/{read} rows rejected ({rejected / read:.1%})" if read else "the share of rejected rows"
         print(
-            f"mmprep prepare: error: {rejected}/{read} rows rejected ({rejected / read:.1%}) exceeds "
-            f"prepare.max_reject_ratio={cfg.max_reject_ratio}; see {join(out, 'rejects.parquet')}",
+            f"mmprep prepare: error: {share} exceeds prepare.max_reject_ratio={cfg.max_reject_ratio}; "
+            f"see {join(out, 'rejects.parquet')}",
             file=sys.stderr,
         )
         return 1

@@ -21,8 +21,6 @@ from mmprep.manifest import (
 )
 from mmprep.records import RawRow, RecordError, Reject
 
-REJECTS = "rejects"
-
 
 class InputError(ValueError):
     """--input is unusable (missing, empty, unknown format); the message is one line."""
@@ -113,7 +111,7 @@ def read_directory(src: str) -> Iterator[RawRow | Reject]:
 
 
 class ReadRowsFn(beam.DoFn):
-    """(kind, path) → RawRow elements, with unparseable rows on the rejects output."""
+    """(kind, path) → RawRow elements, and a Reject for each unparseable row."""
 
     def __init__(self) -> None:
         self.rows = Metrics.counter("read", "rows")
@@ -125,9 +123,7 @@ class ReadRowsFn(beam.DoFn):
             self.rows.inc()
             if isinstance(row, Reject):
                 Metrics.counter("rejects", row.reason).inc()
-                yield beam.pvalue.TaggedOutput(REJECTS, row)
-            else:
-                yield row
+            yield row
 
 
 def load_media(row: RawRow, max_bytes: int) -> dict[str, bytes | str | RecordError]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
 import sys
 import time
 
@@ -15,12 +17,35 @@ from mmprep.process import process_row
 from mmprep.records import RawRow, RecordError, Reject, Sample, reject
 from mmprep.shards import member_bytes, sample_members
 from mmprep.split import LinkInfo
-from pipelines.read import REJECTS, load_media
+from pipelines.read import load_media
 
 
-def tag_reject(rej: Reject) -> beam.pvalue.TaggedOutput:
+def counted(rej: Reject) -> Reject:
     Metrics.counter("rejects", rej.reason).inc()
-    return beam.pvalue.TaggedOutput(REJECTS, rej)
+    return rej
+
+
+def is_reject(element: object) -> bool:
+    return isinstance(element, Reject)
+
+
+def is_kept(element: object) -> bool:
+    return not isinstance(element, Reject)
+
+
+class Separate(beam.PTransform):
+    """A DoFn whose output mixes records and rejects → (records, rejects), split by type.
+
+    Not tagged outputs (`with_outputs`): Beam 2.77's DaskRunner drops output tags and would
+    deliver the rejects into the main output."""
+
+    def __init__(self, fn: beam.DoFn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def expand(self, pcoll):
+        mixed = pcoll | "Apply" >> beam.ParDo(self.fn)
+        return mixed | "Kept" >> beam.Filter(is_kept), mixed | "Rejected" >> beam.Filter(is_reject)
 
 
 def by_id(row: RawRow) -> tuple[str, RawRow]:
@@ -40,7 +65,7 @@ class KeepFirstFn(beam.DoFn):
         yield first
         for record in others:
             err = RecordError(self.reason, f"{self.detail} {first.source}")
-            yield tag_reject(reject(record, err, duplicate_of=first.id))
+            yield counted(reject(record, err, duplicate_of=first.id))
 
 
 class ProcessRowFn(beam.DoFn):
@@ -65,7 +90,7 @@ class ProcessRowFn(beam.DoFn):
             rate = self.count / max(time.monotonic() - self.started, 1e-9)
             print(f"[mmprep prepare] a worker has processed {self.count} rows ({rate:.0f}/s)", file=sys.stderr, flush=True)
         if isinstance(result, Reject):
-            yield tag_reject(result)
+            yield counted(result)
         else:
             self.kept.inc()
             yield result
@@ -114,6 +139,27 @@ def train_text(item: tuple[str, Sample], salt: str) -> list[tuple[str, str]]:
     if text is None:
         return []
     return [(hashlib.sha256(f"{salt}|{item[1].key}".encode()).hexdigest(), text)]
+
+
+class SmallestFn(beam.CombineFn):
+    """The n smallest elements, sorted (what `beam.combiners.Top.Smallest` gives): a plain
+    CombineFn, because Top's per-bundle pre-combining gave another sample on Beam 2.77's DaskRunner."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def create_accumulator(self) -> list:
+        return []
+
+    def add_input(self, acc: list, element) -> list:
+        acc.append(element)
+        return heapq.nsmallest(self.n, acc) if len(acc) >= 2 * self.n else acc  # bounded memory
+
+    def merge_accumulators(self, accumulators) -> list:
+        return heapq.nsmallest(self.n, itertools.chain.from_iterable(accumulators))
+
+    def extract_output(self, acc: list) -> list:
+        return heapq.nsmallest(self.n, acc)
 
 
 class ToMembersFn(beam.DoFn):

@@ -1,10 +1,8 @@
 """DoFns called directly: the safety net that keeps one exotic file from stopping a job."""
 
-import apache_beam as beam
-
 import pipelines.steps as steps
 from mmprep.config import PrepareConfig
-from mmprep.records import RawRow
+from mmprep.records import RawRow, Reject
 
 
 def test_an_unexpected_error_becomes_a_processing_error_reject(monkeypatch):
@@ -15,5 +13,5 @@ def test_an_unexpected_error_becomes_a_processing_error_reject(monkeypatch):
     fn = steps.ProcessRowFn(PrepareConfig())
     fn.setup()
     (out,) = list(fn.process(RawRow(source="m.jsonl:1", order=0, id="x", text="hello")))
-    assert isinstance(out, beam.pvalue.TaggedOutput)
-    assert (out.value.reason, out.value.stage, out.value.detail) == ("processing_error", "process", "MemoryError: decoder blew up")
+    assert isinstance(out, Reject)  # Separate routes it to the rejects by type
+    assert (out.reason, out.stage, out.detail) == ("processing_error", "process", "MemoryError: decoder blew up")
