@@ -13,7 +13,8 @@ import torch
 
 from mmprep.config import EvaluateConfig
 from train import data as D
-from train.model import MODALITIES, FusionModel, Preprocess, build_model
+from train.data import MODALITIES
+from train.model import FusionModel, Preprocess, build_model
 
 ABLATIONS = {"image_only": 0, "audio_only": 1, "text_only": 2}
 
@@ -41,9 +42,10 @@ def pattern_name(code: int) -> str:
 
 
 @torch.no_grad()
-def predictions(model, prep, batches, device) -> dict[str, np.ndarray]:
+def predictions(model, prep, batches, device, bf16: bool = False) -> dict[str, np.ndarray]:
     """One pass: labels, the presence pattern of each sample (among the modalities the model
-    uses), the prediction with every present modality and with each one alone."""
+    uses), the prediction with every present modality and with each one alone (one encoding,
+    four fusion passes)."""
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("label", "pattern", "all", *ABLATIONS)}
     bits = torch.tensor([1, 2, 4], device=device)
     for batch in batches:
@@ -52,12 +54,26 @@ def predictions(model, prep, batches, device) -> dict[str, np.ndarray]:
         image, audio = prep(batch, augment=False)
         out["label"].append(batch["label"].cpu().numpy())
         out["pattern"].append((present.long() * bits).sum(1).cpu().numpy())
-        z = model.encode(image, audio, batch["text"])
-        out["all"].append(model.classify(z, present).argmax(1).cpu().numpy())
-        for name, index in ABLATIONS.items():
-            alone = present & (torch.arange(3, device=device) == index)
-            out[name].append(model.classify(z, alone).argmax(1).cpu().numpy())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            z = model.encode(image, audio, batch["text"])
+            out["all"].append(model.classify(z, present).argmax(1).cpu().numpy())
+            for name, index in ABLATIONS.items():
+                alone = present & (torch.arange(3, device=device) == index)
+                out[name].append(model.classify(z, alone).argmax(1).cpu().numpy())
     return {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in out.items()}
+
+
+def ablation(pred: dict[str, np.ndarray]) -> dict[str, tuple[float | None, int, int]]:
+    """Per modality, over the labeled samples that have it: (accuracy with it alone or None,
+    samples scored, samples without it) — samples without a modality cannot be scored on it alone."""
+    labeled = pred["label"] >= 0
+    y, pattern = pred["label"][labeled], pred["pattern"][labeled]
+    out = {}
+    for name, index in ABLATIONS.items():
+        has = (pattern >> index & 1).astype(bool)
+        accuracy = float((pred[name][labeled][has] == y[has]).mean()) if has.any() else None
+        out[name] = (accuracy, int(has.sum()), int((~has).sum()))
+    return out
 
 
 def scores(y: np.ndarray, p: np.ndarray, names: list[str]) -> dict[str, Any]:
@@ -101,12 +117,8 @@ def evaluate(data_dir: str, run_dir: str, output_json: str, cfg: EvaluateConfig)
                              "samples": int((pattern == code).sum())}
         for code in sorted(set(pattern.tolist()), key=lambda c: (-bin(c).count("1"), c))
     }
-    metrics["ablation"] = {}
-    for name, index in ABLATIONS.items():
-        has = (pattern >> index & 1).astype(bool)  # samples without this modality cannot be scored on it alone
-        alone = pred[name][labeled][has]
-        metrics["ablation"][name] = {"accuracy": float((alone == y[has]).mean()) if has.any() else None,
-                                     "samples": int(has.sum()), "without_modality": int((~has).sum())}
+    metrics["ablation"] = {name: {"accuracy": acc, "samples": n, "without_modality": without}
+                           for name, (acc, n, without) in ablation(pred).items()}
     os.makedirs(os.path.dirname(os.path.abspath(output_json)), exist_ok=True)
     tmp = f"{output_json}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:

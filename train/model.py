@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train.data import MODALITIES
+
 FUSIONS = ("concat", "weighted_sum", "product", "attention")
-MODALITIES = ("image", "audio", "text")
 
 
 def _block(a: int, b: int, stride: int = 1) -> list[nn.Module]:

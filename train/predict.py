@@ -13,7 +13,6 @@ from mmprep.config import params_from_dict
 from mmprep.records import RawRow, Reject
 from train import data as D
 from train.evaluate import load_run
-from train.model import MODALITIES
 
 
 def predict(run_dir: str, image: str | None = None, audio: str | None = None, text: str | None = None) -> dict[str, Any]:
@@ -23,7 +22,7 @@ def predict(run_dir: str, image: str | None = None, audio: str | None = None, te
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, prep, spec = load_run(run_dir, device)
     given = {"image": image, "audio": audio, "text": text}
-    known = {m for m, used in zip(MODALITIES, model.active, strict=True) if used}
+    known = {m for m, used in zip(D.MODALITIES, model.active, strict=True) if used}
     unknown = [m for m, v in given.items() if v is not None and m not in known]
     if unknown:
         raise ValueError(f"this model was not trained on {' or '.join(unknown)} (it uses {', '.join(sorted(known)) or 'nothing'})")

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from mmprep.config import TrainConfig
 from train import data as D
-from train.model import MODALITIES, Preprocess, build_model, modality_dropout
+from train.evaluate import ablation, predictions
+from train.model import Preprocess, build_model, modality_dropout
 
 
 class NonFiniteError(FloatingPointError):
@@ -268,31 +269,20 @@ def check_finite(loss: torch.Tensor, logits: torch.Tensor, batch: dict[str, Any]
                          + f" of shard(s) {', '.join(shards)}")
 
 
-@torch.no_grad()
 def validate(model, prep, data_dir, spec, shapes, device, split: str = "val") -> dict[str, float]:
     """Accuracy with every modality the sample has, and with each used modality alone (a lazy
-    encoder shows as a low `<modality>_only` while training)."""
+    encoder shows as a low `<modality>_only` while training) — evaluate's own scoring."""
     model.eval()
-    used = [i for i, m in enumerate(MODALITIES) if model.active[i]]
-    names = ["accuracy"] + [f"{MODALITIES[i]}_only" for i in used] if len(used) > 1 else ["accuracy"]
-    correct, count = dict.fromkeys(names, 0), dict.fromkeys(names, 0)
-    for batch in D.EvalStream(D.shard_urls(data_dir, spec, split), shapes, 256, spec.get("shards")):
-        batch = D.to_device(batch, device)
-        image, audio = prep(batch, augment=False)
-        labeled = batch["label"] >= 0
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            z = model.encode(image, audio, batch["text"])
-        for name in names:
-            present = batch["present"] & model.use
-            if name != "accuracy":
-                present = present & (torch.arange(3, device=device) == MODALITIES.index(name[:-5]))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                pred = model.classify(z, present).argmax(1)
-            scored = labeled & (present.any(dim=1) if name != "accuracy" else True)  # like evaluate: all labeled
-            correct[name] += int((pred[scored] == batch["label"][scored]).sum())
-            count[name] += int(scored.sum())
+    stream = D.EvalStream(D.shard_urls(data_dir, spec, split), shapes, 256, spec.get("shards"))
+    pred = predictions(model, prep, stream, device, bf16=device.type == "cuda")
     model.train()
-    return {k: correct[k] / count[k] if count[k] else float("nan") for k in names}
+    labeled = pred["label"] >= 0
+    out = {"accuracy": float((pred["all"][labeled] == pred["label"][labeled]).mean()) if labeled.any() else float("nan")}
+    if sum(model.active) > 1:
+        alone = ablation(pred)
+        out.update({name: (acc if acc is not None else float("nan")) for (name, (acc, _, _)), used
+                    in zip(alone.items(), model.active, strict=True) if used})
+    return out
 
 
 # knobs that may change between a run and its resumption
