@@ -75,16 +75,40 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def tar_bytes(samples: Iterable[tuple[str, dict[str, bytes]]]) -> bytes:
-    """The shard's bytes: samples sorted by key, members by field, fixed headers."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, members in sorted(samples, key=lambda kv: kv[0]):
+class _Hashing:
+    """A write-only file that hashes and counts what passes through it."""
+
+    def __init__(self, f) -> None:
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.f.write(data)
+        self.sha.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+def write_tar(f, samples: Iterable[tuple[str, dict[str, bytes]]]) -> tuple[str, int]:
+    """Stream samples into a tar on the writable file `f`, in the order given (callers pass
+    them sorted by key), members by field, fixed headers; returns (sha256, bytes)."""
+    sink = _Hashing(f)
+    with tarfile.open(fileobj=sink, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
             for fld in sorted(members):
                 if fld not in FIELDS:
                     raise ValueError(f"shard member field {fld!r} is not allowed")
                 data = members[fld]
                 tar.addfile(_tarinfo(f"{key}.{fld}", len(data)), io.BytesIO(data))
+    return sink.sha.hexdigest(), sink.size
+
+
+def tar_bytes(samples: Iterable[tuple[str, dict[str, bytes]]]) -> bytes:
+    """The shard's bytes: samples sorted by key, members by field, fixed headers."""
+    buf = io.BytesIO()
+    write_tar(buf, sorted(samples, key=lambda kv: kv[0]))
     return buf.getvalue()
 
 

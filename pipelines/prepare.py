@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import sys
+import tempfile
 import time
 
 import apache_beam as beam
@@ -24,8 +27,10 @@ from mmprep.config import PrepareConfig, load_params
 from mmprep.labels import build_label_map
 from mmprep.split import assign_splits
 from pipelines import steps
-from pipelines.read import InputError, ReadRowsFn, resolve_input
-from pipelines.write import FinalizeFn, WriteShardFn, join, shard_key
+from pipelines.progress import Reporter
+from pipelines.read import InputError, Plan, plan_input, resolve_input
+from pipelines.staging import default_cache
+from pipelines.write import WORK, FinalizeFn, WriteRejectsFn, WriteShardFn, join, reject_bucket, shard_key
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -34,6 +39,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--output", required=True, help="output directory (local or URI)")
     parser.add_argument("--params", default=None, help="params.yaml (section `prepare`); defaults if omitted")
     parser.add_argument("--workers", type=int, default=None, help="local worker processes (default 1)")
+    parser.add_argument(
+        "--cache",
+        default=None,
+        help="directory (local or URI) of processed rows reused by later runs "
+        "(default $MMPREP_CACHE, else $XDG_CACHE_HOME/mmprep or ~/.cache/mmprep)",
+    )
+    parser.add_argument("--no-cache", action="store_true", help="process every row; stage rows inside --output, removed at the end")
     return parser.parse_known_args(argv)
 
 
@@ -55,22 +67,24 @@ def pipeline_options(beam_args: list[str], workers: int | None) -> PipelineOptio
     return options
 
 
-def build(p: beam.Pipeline, kind: str, src: str, out: str, cfg: PrepareConfig) -> None:
-    rows, read_rejects = p | "Source" >> beam.Create([(kind, src)]) | "ReadRows" >> steps.Separate(ReadRowsFn())
-    input_rows = (rows, read_rejects) | "AllRows" >> beam.Flatten() | "CountRows" >> beam.combiners.Count.Globally()
+def build(p: beam.Pipeline, plan: Plan, out: str, cfg: PrepareConfig, store: str, reuse: bool, progress: str | None) -> None:
+    """The dataflow. Only light records (`steps.Kept`: key, hashes, label, size, entry name)
+    cross shuffles, combiners and side inputs; each row's payload is staged once by
+    `Process` and streamed from the store into its tar by `WriteShards`."""
+    outcomes = p | "Ranges" >> beam.Create(plan.ranges) | "Process" >> beam.ParDo(
+        steps.ProcessRangeFn(cfg, store, reuse, progress, plan.rows)
+    )
+    input_rows = outcomes | "CountRows" >> beam.combiners.Count.Globally()
+    read_rejects = outcomes | "Unparsed" >> beam.Filter(steps.is_read_reject)
     unique, id_rejects = (
-        rows
+        outcomes
+        | "Parsed" >> beam.Filter(steps.is_parsed)
         | "KeyById" >> beam.Map(steps.by_id)
         | "GroupById" >> beam.GroupByKey()
         | "FirstById" >> steps.Separate(steps.KeepFirstFn("duplicate_id", "id already used by"))
     )
-    processed, process_rejects = (
-        unique
-        | "Spread" >> beam.Reshuffle()
-        | "Process" >> steps.Separate(steps.ProcessRowFn(cfg))
-    )
     samples, duplicate_rejects = (
-        processed
+        unique
         | "KeyBySignature" >> beam.Map(steps.by_signature)
         | "GroupBySignature" >> beam.GroupByKey()
         | "Canonical" >> steps.Separate(steps.KeepFirstFn("duplicate", "same content as"))
@@ -91,33 +105,33 @@ def build(p: beam.Pipeline, kind: str, src: str, out: str, cfg: PrepareConfig) -
     split_of = split_result | "SplitOf" >> beam.Map(steps.split_of)
     split_info = split_result | "SplitInfo" >> beam.Map(steps.split_report)
     split = samples | "AttachSplit" >> beam.Map(steps.with_split, beam.pvalue.AsSingleton(split_of))
-    train = split | "TrainOnly" >> beam.Filter(steps.is_train)
     model = (
-        train
+        split
+        | "TrainOnly" >> beam.Filter(steps.is_train)
         | "TrainTexts" >> beam.FlatMap(steps.train_text, cfg.split_salt)
         | "TextSample" >> beam.CombineGlobally(steps.SmallestFn(cfg.text.tokenizer_sample))
-        | "TrainTokenizer" >> beam.Map(_train_tokenizer, cfg)
-    )
-    bins = cfg.audio.n_mels if cfg.audio.feature == "logmel" else cfg.audio.n_mfcc
-    image_stats = train | "ImageStats" >> beam.CombineGlobally(steps.MomentsFn("image", 3))
-    audio_stats = train | "AudioStats" >> beam.CombineGlobally(steps.MomentsFn("audio", bins))
-    items = split | "Members" >> beam.ParDo(
-        steps.ToMembersFn(cfg), beam.pvalue.AsSingleton(model), beam.pvalue.AsSingleton(labels)
+        | "TrainTokenizer" >> beam.ParDo(steps.TrainTokenizerFn(cfg, store))
     )
     shard_of = (
-        items
+        split
         | "Sizes" >> beam.Map(steps.size_of)
         | "AllSizes" >> beam.combiners.ToList()
         | "AssignShards" >> beam.Map(_assign_shards, cfg)
     )
-    shards = (
-        items
-        | "KeyByShard" >> beam.Map(shard_key, beam.pvalue.AsSingleton(shard_of))
-        | "GroupByShard" >> beam.GroupByKey()
-        | "WriteShards" >> beam.ParDo(WriteShardFn(out))
-    )
-    rejects = (read_rejects, id_rejects, process_rejects, duplicate_rejects) | "AllRejects" >> beam.Flatten()
     side = beam.pvalue
+    shards = (
+        split
+        | "KeyByShard" >> beam.Map(shard_key, side.AsSingleton(shard_of))
+        | "GroupByShard" >> beam.GroupByKey()
+        | "WriteShards" >> beam.ParDo(WriteShardFn(out, store, cfg), side.AsSingleton(model), side.AsSingleton(labels))
+    )
+    reject_parts = (
+        (read_rejects, id_rejects, duplicate_rejects)
+        | "AllRejects" >> beam.Flatten()
+        | "KeyByBucket" >> beam.Map(reject_bucket)
+        | "GroupByBucket" >> beam.GroupByKey()
+        | "WriteRejects" >> beam.ParDo(WriteRejectsFn(out))
+    )
     _ = (
         p
         | "Finish" >> beam.Create([None])
@@ -125,27 +139,33 @@ def build(p: beam.Pipeline, kind: str, src: str, out: str, cfg: PrepareConfig) -
         >> beam.ParDo(
             FinalizeFn(out, cfg),
             side.AsList(shards),
-            side.AsList(rejects),
+            side.AsList(reject_parts),
             side.AsSingleton(input_rows),
             side.AsSingleton(labels),
             side.AsSingleton(model),
-            side.AsSingleton(image_stats),
-            side.AsSingleton(audio_stats),
             side.AsSingleton(split_info),
         )
     )
-
-
-def _train_tokenizer(sample: list[tuple[str, str]], cfg: PrepareConfig) -> bytes:
-    from mmprep.tokenizer import train_tokenizer
-
-    return train_tokenizer([text for _, text in sample], cfg.text)
 
 
 def _assign_shards(sizes: list[tuple[str, str, int]], cfg: PrepareConfig) -> dict[str, int]:
     from mmprep.shards import assign_shards
 
     return assign_shards(sizes, cfg.shard)
+
+
+# numerical libraries in Beam's worker processes: one thread each (see steps.limit_threads)
+_ONE_THREAD = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+
+
+def _clean(out: str) -> None:
+    """Leftovers of an earlier (killed) run: the work directory and temporary files."""
+    work = join(out, WORK)
+    if FileSystems.exists(work):
+        FileSystems.delete([work])
+    stale = [m.path for m in FileSystems.match([join(out, "*.tmp-*")])[0].metadata_list]
+    if stale:
+        FileSystems.delete(stale)
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -159,11 +179,26 @@ def run(argv: list[str] | None = None) -> int:
     done = join(out, "dataset.json")
     if FileSystems.exists(done):
         FileSystems.delete([done])  # from now on the directory does not look complete
-    print(f"[mmprep prepare] {kind} {src} → {out} (runner {options.view_as(StandardOptions).runner})", file=sys.stderr)
+    _clean(out)
+    plan = plan_input(kind, src)
+    store = join(out, WORK, "staging") if args.no_cache else (args.cache or default_cache())
+    runner = options.view_as(StandardOptions).runner
+    print(
+        f"[mmprep prepare] {kind} {src}: {plan.rows:,} rows in {len(plan.ranges)} ranges → {out} (runner {runner}; "
+        f"{'no cache' if args.no_cache else f'cache {store}'})",
+        file=sys.stderr,
+    )
+    for name in _ONE_THREAD:
+        os.environ.setdefault(name, "1")
     started = time.monotonic()
-    with beam.Pipeline(options=options) as p:
-        build(p, kind, src, out, cfg)
+    progress = tempfile.mkdtemp(prefix="mmprep-progress-")
+    try:
+        with Reporter(progress, plan.rows), beam.Pipeline(options=options) as p:
+            build(p, plan, out, cfg, store, not args.no_cache, progress)
+    finally:
+        shutil.rmtree(progress, ignore_errors=True)
     result = p.result
+    _clean(out)
     return report(out, cfg, result, time.monotonic() - started)
 
 

@@ -6,10 +6,11 @@ import csv
 import io
 import posixpath
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 
 from mmprep.manifest import (
     MANIFEST_SUFFIXES,
@@ -46,84 +47,187 @@ def resolve_input(src: str) -> tuple[str, str]:
     return "directory", src
 
 
-def _base(path: str) -> str:
-    return posixpath.dirname(path)
+class Range(NamedTuple):
+    """A slice of the input that one worker reads on its own.
+
+    jsonl/csv: bytes [start, stop) holding whole rows; parquet: row group `start`;
+    directory: the stem groups in `rows`. `line` is the 1-based number of the first
+    line/row (for `source`), `order` the global input position of the first row."""
+
+    kind: str
+    path: str
+    start: int
+    stop: int
+    line: int
+    order: int
+    rows: tuple = ()  # directory: ((stem, files), ...); csv: the header
 
 
-def read_manifest(path: str) -> Iterator[RawRow | Reject]:
-    name, base = posixpath.basename(path), _base(path)
-    if path.endswith(".jsonl"):
-        yield from _read_jsonl(path, name, base)
-    elif path.endswith(".csv"):
-        yield from _read_csv(path, name, base)
+class Plan(NamedTuple):
+    ranges: list[Range]
+    rows: int  # rows in the input (lines for JSONL: blank ones are skipped on reading)
+
+
+PLAN_UNIT = 32  # rows per planned piece; pieces are then merged into ranges
+MIN_RANGES = 64  # enough ranges to balance workers and report progress on small inputs
+MAX_RANGE_ROWS = 1000
+_BLOCK = 1 << 24
+
+
+def _open(path: str):
+    return FileSystems.open(path, compression_type="uncompressed")
+
+
+def plan_input(kind: str, src: str) -> Plan:
+    """Cut the input into ranges (at least MIN_RANGES where there are rows enough, at most
+    MAX_RANGE_ROWS rows each), reading only what is needed to find row boundaries:
+    newlines for JSONL, records for CSV, metadata for Parquet, the listing for a directory."""
+    if kind == "directory":
+        plan = _plan_directory(src, PLAN_UNIT)
+    elif src.endswith(".jsonl"):
+        plan = _plan_jsonl(src, PLAN_UNIT)
+    elif src.endswith(".csv"):
+        plan = _plan_csv(src, PLAN_UNIT)
     else:
-        yield from _read_parquet(path, name, base)
+        plan = _plan_parquet(src)
+    per = min(MAX_RANGE_ROWS, max(1, -(-plan.rows // MIN_RANGES)))
+    return Plan(_coalesce(plan.ranges, per), plan.rows)
 
 
-def _read_jsonl(path: str, name: str, base: str) -> Iterator[RawRow | Reject]:
-    order = 0
-    with FileSystems.open(path) as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue  # blank lines are not rows (the contract counts non-blank lines)
-            yield parse_jsonl_line(line, f"{name}:{number}", order, base)
-            order += 1
+def _coalesce(pieces: list[Range], per: int) -> list[Range]:
+    """Merge consecutive pieces into ranges of about `per` rows (a piece's rows start at its
+    `order`; a Parquet piece is a row group and is never cut)."""
+    runs: list[list[Range]] = []
+    for piece in pieces:
+        if runs and piece.order - runs[-1][0].order < per:
+            runs[-1].append(piece)
+        else:
+            runs.append([piece])
+    merged = []
+    for run in runs:
+        first = run[0]
+        rows = tuple(r for piece in run for r in piece.rows) if first.kind == "directory" else first.rows
+        merged.append(first._replace(stop=run[-1].stop, rows=rows))
+    return merged
 
 
-def _read_csv(path: str, name: str, base: str) -> Iterator[RawRow | Reject]:
-    """Python's csv module: every field stays a string, a broken row is one reject."""
-    with FileSystems.open(path) as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8-sig", errors="surrogateescape")
-    except UnicodeDecodeError as err:  # pragma: no cover - surrogateescape never raises
-        raise InputError(f"--input {path}: {err}") from None
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header = next(reader, None)
-    if not header:
+def _plan_jsonl(path: str, per: int) -> Plan:
+    ranges: list[Range] = []
+    start, line, lines, size, last = 0, 1, 0, 0, b""
+    with _open(path) as f:
+        while block := f.read(_BLOCK):
+            ends = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10)
+            # newline number lines+i+1 closes a range when it is a multiple of `per`
+            for i in range((-lines - 1) % per, len(ends), per):
+                end = size + int(ends[i]) + 1
+                ranges.append(Range("jsonl", path, start, end, line, line - 1))
+                start, line = end, line + per
+            lines, size, last = lines + len(ends), size + len(block), block[-1:]
+    if size > start:  # the rest, possibly without a final newline
+        ranges.append(Range("jsonl", path, start, size, line, line - 1))
+    return Plan(ranges, lines + (last not in (b"", b"\n")))
+
+
+def _lines(f, counter: list[int]) -> Iterator[str]:
+    """Decoded lines of a binary file, counting the bytes handed out (csv.reader pulls
+    exactly the lines of one record, so after a record the count is its end offset)."""
+    for raw in f:
+        counter[0] += len(raw)
+        yield raw.decode("utf-8", errors="surrogateescape")
+
+
+def _plan_csv(path: str, per: int) -> Plan:
+    ranges: list[Range] = []
+    consumed = [0]
+    with _open(path) as f:
+        lines = _lines(f, consumed)
+        reader = csv.reader(_strip_bom(lines), strict=False)
+        header = next(reader, None)
+        if not header:
+            return Plan([], 0)
+        start, line, first, count = consumed[0], reader.line_num + 1, 0, 0
+        for _ in reader:
+            count += 1
+            if count % per == 0:
+                ranges.append(Range("csv", path, start, consumed[0], line, first, tuple(header)))
+                start, line, first = consumed[0], reader.line_num + 1, count
+        if consumed[0] > start:
+            ranges.append(Range("csv", path, start, consumed[0], line, first, tuple(header)))
+    return Plan(ranges, count)
+
+
+def _strip_bom(lines: Iterator[str]) -> Iterator[str]:
+    first = next(lines, None)
+    if first is not None:
+        yield first.removeprefix("\ufeff")
+        yield from lines
+
+
+def _plan_parquet(path: str) -> Plan:
+    import pyarrow.parquet as pq
+
+    with _open(path) as f:
+        meta = pq.ParquetFile(f).metadata
+    ranges, row = [], 0
+    for group in range(meta.num_row_groups):
+        n = meta.row_group(group).num_rows
+        ranges.append(Range("parquet", path, group, group + 1, row + 1, row))
+        row += n
+    return Plan(ranges, row)
+
+
+def _plan_directory(src: str, per: int) -> Plan:
+    paths = [m.path for m in FileSystems.match([f"{src}/**"])[0].metadata_list]
+    groups = list(group_directory(paths, src))
+    ranges = [
+        Range("directory", src, i, i + len(groups[i : i + per]), i + 1, i, tuple(groups[i : i + per]))
+        for i in range(0, len(groups), per)
+    ]
+    return Plan(ranges, len(groups))
+
+
+def read_range(rng: Range) -> Iterator[RawRow | Reject]:
+    """The rows of one range, each a RawRow or (unparseable) a Reject."""
+    name, base = posixpath.basename(rng.path), posixpath.dirname(rng.path)
+    if rng.kind == "directory":
+        for i, (stem, files) in enumerate(rng.rows):
+            first = next(iter(files.values()))[0]
+            yield directory_row(stem, files, rng.order + i, first[len(rng.path) + 1 :])
         return
-    for order, values in enumerate(reader):
-        source = f"{name}:{reader.line_num}"
+    if rng.kind == "parquet":
+        yield from _read_parquet(rng, name, base)
+        return
+    with _open(rng.path) as f:
+        f.seek(rng.start)
+        data = f.read(rng.stop - rng.start)
+    if rng.kind == "jsonl":
+        if rng.start == 0:
+            data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark is not part of row 1
+        for i, line in enumerate(data.split(b"\n")):  # "\n" only: the line numbers editors show
+            if line.strip():
+                yield parse_jsonl_line(line, f"{name}:{rng.line + i}", rng.order + i, base)
+        return
+    consumed = [0]
+    reader = csv.reader(_lines(io.BytesIO(data), consumed), strict=False)
+    header = list(rng.rows)
+    for i, values in enumerate(reader):
+        source, order = f"{name}:{rng.line + reader.line_num - 1}", rng.order + i
         if len(values) != len(header):
-            detail = f"expected {len(header)} fields, got {len(values)}"
-            yield read_reject(source, order, "malformed_row", detail)
+            yield read_reject(source, order, "malformed_row", f"expected {len(header)} fields, got {len(values)}")
             continue
         yield parse_record(dict(zip(header, values, strict=True)), source, order, base)
 
 
-def _read_parquet(path: str, name: str, base: str) -> Iterator[RawRow | Reject]:
+def _read_parquet(rng: Range, name: str, base: str) -> Iterator[RawRow | Reject]:
     import pyarrow.parquet as pq
 
-    with FileSystems.open(path) as f:
-        table = pq.ParquetFile(io.BytesIO(f.read()))
-    order = 0
-    for batch in table.iter_batches(batch_size=4096):
-        for record in batch.to_pylist():
-            yield parse_record(record, f"{name}:{order + 1}", order, base)
-            order += 1
-
-
-def read_directory(src: str) -> Iterator[RawRow | Reject]:
-    paths = [m.path for m in FileSystems.match([f"{src}/**"])[0].metadata_list]
-    for order, (stem, files) in enumerate(group_directory(paths, src)):
-        first = next(iter(files.values()))[0]
-        yield directory_row(stem, files, order, first[len(src) + 1 :])
-
-
-class ReadRowsFn(beam.DoFn):
-    """(kind, path) → RawRow elements, and a Reject for each unparseable row."""
-
-    def __init__(self) -> None:
-        self.rows = Metrics.counter("read", "rows")
-
-    def process(self, element: tuple[str, str]):
-        kind, path = element
-        rows = read_manifest(path) if kind == "manifest" else read_directory(path)
-        for row in rows:
-            self.rows.inc()
-            if isinstance(row, Reject):
-                Metrics.counter("rejects", row.reason).inc()
-            yield row
+    with _open(rng.path) as f:
+        table = pq.ParquetFile(f)
+        order = rng.order
+        for batch in table.iter_batches(batch_size=4096, row_groups=list(range(rng.start, rng.stop))):
+            for record in batch.to_pylist():
+                yield parse_record(record, f"{name}:{order + 1}", order, base)
+                order += 1
 
 
 def load_media(row: RawRow, max_bytes: int) -> dict[str, bytes | str | RecordError]:

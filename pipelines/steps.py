@@ -5,8 +5,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
-import sys
-import time
+from typing import NamedTuple
 
 import apache_beam as beam
 import numpy as np
@@ -17,7 +16,9 @@ from mmprep.process import process_row
 from mmprep.records import RawRow, RecordError, Reject, Sample, reject
 from mmprep.shards import member_bytes, sample_members
 from mmprep.split import LinkInfo
-from pipelines.read import load_media
+from pipelines.progress import WorkerCount
+from pipelines.read import Range, load_media, read_range
+from pipelines.staging import Store
 
 
 def counted(rej: Reject) -> Reject:
@@ -31,6 +32,15 @@ def is_reject(element: object) -> bool:
 
 def is_kept(element: object) -> bool:
     return not isinstance(element, Reject)
+
+
+def is_read_reject(element: object) -> bool:
+    """A row that could not be parsed (no RawRow, so no id to deduplicate on)."""
+    return isinstance(element, Reject) and element.stage == "read"
+
+
+def is_parsed(element: object) -> bool:
+    return not is_read_reject(element)
 
 
 class Separate(beam.PTransform):
@@ -48,8 +58,125 @@ class Separate(beam.PTransform):
         return mixed | "Kept" >> beam.Filter(is_kept), mixed | "Rejected" >> beam.Filter(is_reject)
 
 
-def by_id(row: RawRow) -> tuple[str, RawRow]:
-    return row.id, row
+class Kept(NamedTuple):
+    """What crosses shuffles, combiners and side inputs for a kept row: a few hundred bytes.
+    The heavy payload (JPEG, features, text) waits in the staging store under `entry`."""
+
+    key: str
+    id: str
+    order: int
+    source: str
+    label: str | None
+    entry: str  # staging store entry name
+    signature: str  # same iff every modality has the same content (exact duplicates)
+    links: tuple[tuple[str, str], ...]  # (modality, content hash prefix) that tie samples to one split
+    phash: int | None
+    has_text: bool
+    size: int  # upper bound of the bytes the sample adds to a shard
+
+
+LABEL_ID_BOUND = 999_999  # label ids are below this (its digits bound a .cls/.json member's size)
+
+
+def shard_meta(s: Sample, split: str, label_id: int | None, tokens: int | None) -> dict:
+    """The `<key>.json` member of a sample."""
+    meta = {**s.meta, "key": s.key, "split": split, "label_id": label_id}
+    if tokens is not None:
+        meta["text"] = {**meta["text"], "tokens": tokens}
+    return meta
+
+
+def size_bound(s: Sample, max_tokens: int) -> int:
+    """Bytes the sample will add to a tar, at most: the token array and the label id at
+    their largest, the split name at its longest."""
+    tokens = np.zeros(max_tokens, dtype=np.int32) if s.text is not None else None
+    label_id = LABEL_ID_BOUND if s.label is not None else None
+    meta = shard_meta(s, "train", label_id, max_tokens if s.text is not None else None)
+    members = sample_members(s.key, meta=meta, jpg=s.jpg, mel=s.mel, tokens=tokens, text=s.text, label_id=label_id)
+    return member_bytes(members)
+
+
+def light(s: Sample, entry: str, max_tokens: int) -> Kept:
+    links = tuple((m, s.hashes[name][:32]) for m, name in (("image", "image"), ("audio", "audio"), ("text", "text_link")) if name in s.hashes)
+    signature = s.content_signature[:32]
+    return Kept(s.key, s.id, s.order, s.source, s.label, entry, signature, links, s.phash, s.text is not None, size_bound(s, max_tokens))
+
+
+def limit_threads() -> None:
+    """One thread per worker process for BLAS/OpenMP and OpenCV: Beam runs one worker per
+    core, and numerical libraries' own threads then only contend with each other."""
+    import cv2
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+    cv2.setNumThreads(1)
+
+
+class ProcessRangeFn(beam.DoFn):
+    """Read one input range; for each row, load its media (FileSystems), then reuse its
+    staged entry or decode/clean/normalize/featurize/label it and stage the result.
+
+    Emits a light `Kept` record or a Reject per row; the payload stays in the store."""
+
+    def __init__(self, cfg: PrepareConfig, store: str, reuse: bool, progress: str | None = None, total: int = 0) -> None:
+        self.cfg, self.store_root, self.reuse = cfg, store, reuse
+        self.progress_dir, self.total = progress, total
+        self.rows = Metrics.counter("read", "rows")
+        self.kept = Metrics.counter("process", "kept")
+        self.reused = Metrics.counter("process", "reused")
+
+    def setup(self) -> None:
+        from mmprep.staged import context_digest
+
+        limit_threads()
+        self.store = Store(self.store_root)
+        self.context = context_digest(self.cfg)
+        self.progress = WorkerCount(self.progress_dir, self.total)
+
+    def process(self, rng: Range):
+        for row in read_range(rng):
+            self.rows.inc()
+            result = row if isinstance(row, Reject) else self.process_row(row)
+            self.progress.add()
+            if isinstance(result, Reject):
+                yield counted(result)
+            else:
+                self.kept.inc()
+                yield result
+
+    def finish_bundle(self) -> None:
+        self.progress.flush()
+
+    def process_row(self, row: RawRow) -> Kept | Reject:
+        from mmprep import staged
+
+        loaded = load_media(row, self.cfg.max_file_bytes)
+        name = None
+        if not any(isinstance(v, RecordError) for v in loaded.values()):
+            media = {m: hashlib.sha256(v).hexdigest() for m, v in loaded.items() if isinstance(v, bytes)}
+            name = staged.entry_name(self.context, row, media)
+            data = self.store.get(name) if self.reuse else None
+            if data is not None:
+                try:
+                    result = staged.decode(data, row.id, row.source, row.order)
+                except (ValueError, KeyError):
+                    result = None  # torn or foreign: process again, overwrite below
+                if result is not None:
+                    self.reused.inc()
+                    return result if isinstance(result, Reject) else light(result, name, self.cfg.text.max_tokens)
+        try:
+            result = process_row(row, loaded, self.cfg)
+        except Exception as err:  # noqa: BLE001 - one exotic file must not stop a million-row job:
+            # it becomes a counted, visible reject (and the run fails past max_reject_ratio); not cached
+            return reject(row, RecordError("processing_error", f"{type(err).__name__}: {err}"))
+        if name is None:  # a load error (missing file …): nothing to stage, nothing to reuse
+            return result
+        self.store.put(name, staged.encode(result))
+        return result if isinstance(result, Reject) else light(result, name, self.cfg.text.max_tokens)
+
+
+def by_id(record: Kept | Reject) -> tuple[str, Kept | Reject]:
+    return record.id, record
 
 
 class KeepFirstFn(beam.DoFn):
@@ -59,7 +186,7 @@ class KeepFirstFn(beam.DoFn):
     def __init__(self, reason: str, detail: str) -> None:
         self.reason, self.detail = reason, detail
 
-    def process(self, element: tuple[str, list[RawRow | Sample]]):
+    def process(self, element: tuple[str, list[Kept | Reject]]):
         _, records = element
         first, *others = sorted(records, key=lambda r: r.order)
         yield first
@@ -68,48 +195,16 @@ class KeepFirstFn(beam.DoFn):
             yield counted(reject(record, err, duplicate_of=first.id))
 
 
-class ProcessRowFn(beam.DoFn):
-    """Load the media (FileSystems), then decode/clean/normalize/featurize/label."""
-
-    def __init__(self, cfg: PrepareConfig, progress_every: int = 200) -> None:
-        self.cfg = cfg
-        self.progress_every = progress_every
-        self.kept = Metrics.counter("process", "kept")
-
-    def setup(self) -> None:
-        self.count, self.started = 0, time.monotonic()
-
-    def process(self, row: RawRow):
-        try:
-            result = process_row(row, load_media(row, self.cfg.max_file_bytes), self.cfg)
-        except Exception as err:  # noqa: BLE001 - one exotic file must not stop a million-row job:
-            # it becomes a counted, visible reject (and the run fails past max_reject_ratio)
-            result = reject(row, RecordError("processing_error", f"{type(err).__name__}: {err}"))
-        self.count += 1
-        if self.count % self.progress_every == 0:
-            rate = self.count / max(time.monotonic() - self.started, 1e-9)
-            print(f"[mmprep prepare] a worker has processed {self.count} rows ({rate:.0f}/s)", file=sys.stderr, flush=True)
-        if isinstance(result, Reject):
-            yield counted(result)
-        else:
-            self.kept.inc()
-            yield result
+def by_signature(kept: Kept) -> tuple[str, Kept]:
+    return kept.signature, kept
 
 
-def by_signature(sample: Sample) -> tuple[str, Sample]:
-    return sample.content_signature, sample
+def label_of(kept: Kept) -> list[str]:
+    return [kept.label] if kept.label is not None else []
 
 
-def label_of(sample: Sample) -> list[str]:
-    return [sample.label] if sample.label is not None else []
-
-
-def link_info(sample: Sample) -> LinkInfo:
-    links = []
-    for modality, name in (("image", "image"), ("audio", "audio"), ("text", "text_link")):
-        if name in sample.hashes:
-            links.append((modality, sample.hashes[name]))
-    return LinkInfo(key=sample.key, label=sample.label, links=tuple(links), phash=sample.phash)
+def link_info(kept: Kept) -> LinkInfo:
+    return LinkInfo(key=kept.key, label=kept.label, links=kept.links, phash=kept.phash)
 
 
 def split_of(result) -> dict[str, str]:
@@ -120,25 +215,25 @@ def split_report(result) -> dict:
     return {"groups": result.groups, "ignored_links": result.ignored_links}
 
 
-def size_of(item: tuple) -> tuple[str, str, int]:
-    split, key, _, _, size = item
-    return split, key, size
+def with_split(kept: Kept, split_of: dict[str, str]) -> tuple[str, Kept]:
+    return split_of[kept.key], kept
 
 
-def with_split(sample: Sample, split_of: dict[str, str]) -> tuple[str, Sample]:
-    return split_of[sample.key], sample
-
-
-def is_train(item: tuple[str, Sample]) -> bool:
+def is_train(item: tuple[str, Kept]) -> bool:
     return item[0] == "train"
 
 
-def train_text(item: tuple[str, Sample], salt: str) -> list[tuple[str, str]]:
-    """Train texts keyed by a salted digest: the smallest K form a bounded, unbiased sample."""
-    text = item[1].text
-    if text is None:
+def size_of(item: tuple[str, Kept]) -> tuple[str, str, int]:
+    split, kept = item
+    return split, kept.key, kept.size
+
+
+def train_text(item: tuple[str, Kept], salt: str) -> list[tuple[str, str]]:
+    """Train rows with text keyed by a salted digest: the smallest K form a bounded, unbiased sample."""
+    kept = item[1]
+    if not kept.has_text:
         return []
-    return [(hashlib.sha256(f"{salt}|{item[1].key}".encode()).hexdigest(), text)]
+    return [(hashlib.sha256(f"{salt}|{kept.key}".encode()).hexdigest(), kept.entry)]
 
 
 class SmallestFn(beam.CombineFn):
@@ -162,80 +257,35 @@ class SmallestFn(beam.CombineFn):
         return heapq.nsmallest(self.n, acc)
 
 
-class ToMembersFn(beam.DoFn):
-    """Tokenize and lay out the tar members of one sample; emit its manifest row too."""
+def read_staged(store: Store, kept: Kept) -> Sample:
+    """A kept row's payload back from the store; a missing entry is a clear error."""
+    from mmprep import staged
 
-    def __init__(self, cfg: PrepareConfig) -> None:
-        self.cfg = cfg
-        self._tokenizer = None
-        self._model = None
-
-    def process(self, item: tuple[str, Sample], model: bytes, labels: list[str]):
-        from mmprep.tokenizer import Tokenizer
-
-        if self._model != model:
-            self._tokenizer, self._model = Tokenizer.from_bytes(model), model
-        split, s = item
-        tokens = None
-        if s.text is not None:
-            tokens = self._tokenizer.encode(s.text, self.cfg.text.max_tokens)
-        label_id = labels.index(s.label) if s.label is not None else None
-        meta = {**s.meta, "key": s.key, "split": split, "label_id": label_id}
-        if tokens is not None:
-            meta["text"] = {**meta["text"], "tokens": int(tokens.shape[0])}
-        members = sample_members(s.key, meta=meta, jpg=s.jpg, mel=s.mel, tokens=tokens, text=s.text, label_id=label_id)
-        row = manifest_row(s, split, label_id)
-        yield split, s.key, members, row, member_bytes(members)
+    data = store.get(kept.entry)
+    if data is None:
+        raise OSError(f"staged entry {store.path(kept.entry)} of {kept.source} vanished during the run "
+                      "(was the cache directory cleared?); run prepare again")
+    sample = staged.decode(data, kept.id, kept.source, kept.order)
+    if not isinstance(sample, Sample):
+        raise OSError(f"staged entry {store.path(kept.entry)} does not hold a kept sample")
+    return sample
 
 
-def manifest_row(s: Sample, split: str, label_id: int | None) -> dict:
-    return {
-        "id": s.id,
-        "key": s.key,
-        "split": split,
-        "shard": None,
-        "label": s.label,
-        "label_id": label_id,
-        "has_image": s.jpg is not None,
-        "has_audio": s.mel is not None,
-        "has_text": s.text is not None,
-        "source": s.source,
-        "image_sha256": s.hashes.get("image"),
-        "audio_sha256": s.hashes.get("audio"),
-        "text_sha256": s.hashes.get("text"),
-    }
+class TrainTokenizerFn(beam.DoFn):
+    """The SentencePiece model from the sampled train texts (read back from the store)."""
 
+    def __init__(self, cfg: PrepareConfig, store: str) -> None:
+        self.cfg, self.store_root = cfg, store
 
-class MomentsFn(beam.CombineFn):
-    """Exact, order-independent per-channel (image) or per-bin (audio) moments."""
+    def process(self, sample: list[tuple[str, str]]):
+        from mmprep import staged
+        from mmprep.tokenizer import train_tokenizer
 
-    def __init__(self, modality: str, dims: int) -> None:
-        self.modality, self.dims = modality, dims
-
-    def create_accumulator(self):
-        from mmprep.stats import Moments
-
-        return Moments.empty(self.dims)
-
-    def add_input(self, acc, item: tuple[str, Sample]):
-        sample = item[1]
-        if self.modality == "image" and sample.jpg is not None:
-            from mmprep.image import decode_jpg
-
-            acc.add_image(decode_jpg(sample.jpg))
-        elif self.modality == "audio" and sample.mel is not None:
-            acc.add_features(np.asarray(sample.mel))
-        return acc
-
-    def merge_accumulators(self, accumulators):
-        from mmprep.stats import Moments
-
-        accs = list(accumulators)
-        out = accs[0]
-        for acc in accs[1:]:
-            out = Moments.merge(out, acc)
-        return out
-
-    def extract_output(self, acc):
-        mean, std = acc.mean_std(255.0 if self.modality == "image" else 1.0)  # images on the [0, 1] scale
-        return {"mean": mean, "std": std, "count": int(acc.count)}
+        store = Store(self.store_root)
+        texts = []
+        for _, entry in sample:
+            data = store.get(entry)
+            if data is None:
+                raise OSError(f"staged entry {store.path(entry)} vanished during the run; run prepare again")
+            texts.append(staged.decode(data, "", "", 0).text)
+        yield train_tokenizer(texts, self.cfg.text)

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import functools
 import io
+import os
 import platform
 import posixpath
+import uuid
 from collections import Counter
 from importlib import metadata
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from mmprep.config import PrepareConfig, to_dict
-from mmprep.records import Reject
-from mmprep.shards import SPLITS, dumps_json, shard_name, tar_bytes, write_atomic
+from mmprep.records import Reject, Sample
+from mmprep.shards import SPLITS, dumps_json, sample_members, shard_name, write_tar
+from pipelines.staging import Store
+from pipelines.steps import Kept, limit_threads, read_staged, shard_meta
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -50,51 +56,174 @@ REJECTS_SCHEMA = pa.schema(
 VERSIONED = ("mmprep", "apache-beam", "numpy", "opencv-python-headless", "librosa", "soundfile", "sentencepiece", "pyarrow")
 
 
-def put(path: str, data: bytes) -> None:
-    """Atomic write: a local temp file + rename, or create-then-rename on other filesystems."""
-    if FileSystems.get_scheme(path) in (None, "file"):
-        write_atomic(path, data)
+WORK = ".mmprep-work"  # inside the output: parts of the tables (and staging with --no-cache); removed at the end
+REJECT_BUCKET = 10_000  # input rows per rejects part
+
+
+def join(out: str, *names: str) -> str:
+    return FileSystems.join(out, *names) if FileSystems.get_scheme(out) else posixpath.join(out, *names)
+
+
+def is_local(path: str) -> bool:
+    return FileSystems.get_scheme(path) in (None, "file")
+
+
+@contextlib.contextmanager
+def atomic_stream(path: str):
+    """A writable file that appears at `path` only when the block completes (local: a temp
+    sibling + rename; other filesystems: create, then rename)."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    if is_local(path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         return
-    tmp = f"{path}.tmp"
     with FileSystems.create(tmp) as f:
-        f.write(data)
+        yield f
     FileSystems.rename([tmp], [path])
 
 
-def join(out: str, name: str) -> str:
-    return FileSystems.join(out, name) if FileSystems.get_scheme(out) else posixpath.join(out, name)
+def put(path: str, data: bytes) -> None:
+    with atomic_stream(path) as f:
+        f.write(data)
 
 
-def shard_key(item: tuple, shard_of: dict[str, int]) -> tuple[str, tuple]:
-    split, key = item[0], item[1]
-    return f"{split}|{shard_of[key]}", item
-
-
-class WriteShardFn(beam.DoFn):
-    """One (split, shard) group → one tar, written atomically; emits manifest rows + shard info."""
-
-    def __init__(self, out: str) -> None:
-        self.out = out
-        self.written = Metrics.counter("write", "shards")
-
-    def process(self, element: tuple[str, list[tuple]]):
-        group, items = element
-        split, index = group.split("|")
-        name = shard_name(split, int(index))
-        data = tar_bytes((key, members) for _, key, members, _, _ in items)
-        put(join(self.out, name), data)
-        self.written.inc()
-        rows = [{**row, "shard": name} for _, _, _, row, _ in items]
-        info = {"name": name, "split": split, "samples": len(items), "bytes": len(data)}
-        info["sha256"] = hashlib.sha256(data).hexdigest()
-        yield info, rows
+def read_bytes(path: str) -> bytes:
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        return f.read()
 
 
 def table_bytes(rows: list[dict[str, Any]], schema: pa.Schema) -> bytes:
     buf = io.BytesIO()
-    table = pa.Table.from_pylist(rows, schema=schema)
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf, compression="zstd")
     return buf.getvalue()
+
+
+def manifest_row(s: Sample, split: str, label_id: int | None, shard: str) -> dict:
+    return {
+        "id": s.id,
+        "key": s.key,
+        "split": split,
+        "shard": shard,
+        "label": s.label,
+        "label_id": label_id,
+        "has_image": s.jpg is not None,
+        "has_audio": s.mel is not None,
+        "has_text": s.text is not None,
+        "source": s.source,
+        "image_sha256": s.hashes.get("image"),
+        "audio_sha256": s.hashes.get("audio"),
+        "text_sha256": s.hashes.get("text"),
+    }
+
+
+def shard_key(item: tuple[str, Kept], shard_of: dict[str, int]) -> tuple[str, tuple[str, Kept]]:
+    split, kept = item
+    return f"{split}|{shard_of[kept.key]}", item
+
+
+class WriteShardFn(beam.DoFn):
+    """One (split, shard) group of light records → one tar, streamed member by member from
+    the staging store (tokenized here), written atomically; its manifest rows go to a part
+    file. Emits the shard's info, counts and (train) normalization moments."""
+
+    def __init__(self, out: str, store: str, cfg: PrepareConfig) -> None:
+        self.out, self.store_root, self.cfg = out, store, cfg
+        self.written = Metrics.counter("write", "shards")
+        self._model: bytes | None = None
+
+    def setup(self) -> None:
+        limit_threads()
+        self.store = Store(self.store_root)
+
+    def process(self, element: tuple[str, list[tuple[str, Kept]]], model: bytes, labels: list[str]):
+        from mmprep.image import decode_jpg
+        from mmprep.stats import Moments
+        from mmprep.tokenizer import Tokenizer
+
+        if self._model != model:
+            self._tokenizer, self._model = Tokenizer.from_bytes(model), model
+        group, items = element
+        split, index = group.split("|")
+        name = shard_name(split, int(index))
+        a = self.cfg.audio
+        image, audio = Moments.empty(3), Moments.empty(a.n_mels if a.feature == "logmel" else a.n_mfcc)
+        rows: list[dict] = []
+        labels_seen: Counter = Counter()
+        modalities: Counter = Counter()
+
+        def samples():
+            for _, kept in sorted(items, key=lambda item: item[1].key):
+                s = read_staged(self.store, kept)
+                tokens = self._tokenizer.encode(s.text, self.cfg.text.max_tokens) if s.text is not None else None
+                label_id = labels.index(s.label) if s.label is not None else None
+                meta = shard_meta(s, split, label_id, int(tokens.shape[0]) if tokens is not None else None)
+                rows.append(manifest_row(s, split, label_id, name))
+                labels_seen[s.label if s.label is not None else "<unlabeled>"] += 1
+                for m, present in (("image", s.jpg is not None), ("audio", s.mel is not None), ("text", s.text is not None)):
+                    modalities[m] += present
+                if split == "train":
+                    if s.jpg is not None:
+                        image.add_image(decode_jpg(s.jpg))
+                    if s.mel is not None:
+                        audio.add_features(np.asarray(s.mel))
+                yield s.key, sample_members(s.key, meta=meta, jpg=s.jpg, mel=s.mel, tokens=tokens, text=s.text, label_id=label_id)
+
+        with atomic_stream(join(self.out, name)) as f:
+            sha, size = write_tar(f, samples())
+        put(join(self.out, WORK, "parts", f"manifest-{name}.parquet"), table_bytes(rows, MANIFEST_SCHEMA))
+        self.written.inc()
+        yield {
+            "name": name,
+            "split": split,
+            "samples": len(rows),
+            "bytes": size,
+            "sha256": sha,
+            "labels": dict(labels_seen),
+            "modalities": dict(modalities),
+            "image_moments": image,
+            "audio_moments": audio,
+        }
+
+
+def reject_bucket(rej: Reject) -> tuple[str, Reject]:
+    return f"{rej.order // REJECT_BUCKET:012d}", rej
+
+
+class WriteRejectsFn(beam.DoFn):
+    """One bucket of input rows' rejects → a part file (sorted by input order); emits counts."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def process(self, element: tuple[str, list[Reject]]):
+        bucket, rejects = element
+        rejects = sorted(rejects, key=lambda r: (r.order, r.reason, r.source))
+        put(join(self.out, WORK, "parts", f"rejects-{bucket}.parquet"), table_bytes([r.row() for r in rejects], REJECTS_SCHEMA))
+        yield {
+            "bucket": bucket,
+            "rows": len(rejects),
+            "reasons": dict(Counter(r.reason for r in rejects)),
+            "stages": dict(Counter(r.stage for r in rejects)),
+        }
+
+
+def concat_parts(parts: list[str], schema: pa.Schema, path: str) -> None:
+    """Part files → one Parquet file, one row group per part, streamed part by part."""
+    with atomic_stream(path) as f:
+        writer = pq.ParquetWriter(f, schema, compression="zstd")
+        for part in parts:
+            writer.write_table(pq.read_table(io.BytesIO(read_bytes(part)), schema=schema))
+        if not parts:
+            writer.write_table(schema.empty_table())
+        writer.close()
 
 
 def versions() -> dict[str, str]:
@@ -115,23 +244,32 @@ class FinalizeFn(beam.DoFn):
     def __init__(self, out: str, cfg: PrepareConfig) -> None:
         self.out, self.cfg = out, cfg
 
-    def process(self, _, shards, rejects, input_rows, labels, model, image_stats, audio_stats, split_info):
-        shards = sorted(shards, key=lambda s: s[0]["name"])
-        manifest = sorted((r for _, rows in shards for r in rows), key=lambda r: (r["split"], r["key"]))
-        rejects = sorted(rejects, key=lambda r: (r.order, r.reason, r.source))
-        put(join(self.out, "manifest.parquet"), table_bytes(manifest, MANIFEST_SCHEMA))
-        put(join(self.out, "rejects.parquet"), table_bytes([r.row() for r in rejects], REJECTS_SCHEMA))
+    def process(self, _, shards, reject_parts, input_rows, labels, model, split_info):
+        from mmprep.stats import Moments
+
+        shards = sorted(shards, key=lambda s: s["name"])  # test-…, train-…, val-…: (split, key) order
+        reject_parts = sorted(reject_parts, key=lambda r: r["bucket"])
+        parts = join(self.out, WORK, "parts")
+        concat_parts([join(parts, f"manifest-{s['name']}.parquet") for s in shards], MANIFEST_SCHEMA, join(self.out, "manifest.parquet"))
+        concat_parts([join(parts, f"rejects-{r['bucket']}.parquet") for r in reject_parts], REJECTS_SCHEMA, join(self.out, "rejects.parquet"))
         put(join(self.out, "tokenizer.model"), model)
-        _remove_stale_shards(self.out, {info["name"] for info, _ in shards})
-        counts = _counts(manifest, rejects, input_rows)
+        _remove_stale_shards(self.out, {s["name"] for s in shards})
+        counts = _counts(shards, reject_parts, input_rows)
         if counts["reject_ratio"] > self.cfg.max_reject_ratio:
             return
+        train = [s for s in shards if s["split"] == "train"]
+        stats = {}
+        a = self.cfg.audio
+        for modality, dims in (("image", 3), ("audio", a.n_mels if a.feature == "logmel" else a.n_mfcc)):
+            merged = functools.reduce(Moments.merge, (s[f"{modality}_moments"] for s in train), Moments.empty(dims))
+            mean, std = merged.mean_std(255.0 if modality == "image" else 1.0)  # images on the [0, 1] scale
+            stats[modality] = {"mean": mean, "std": std}
         dataset = {
             "format": "mmprep-dataset/1",
             "labels": labels,
-            "features": _features(self.cfg, manifest, image_stats, audio_stats, model),
+            "features": _features(self.cfg, counts, stats, model),
             "splits": _splits(shards),
-            "shards": {i["name"]: {k: i[k] for k in ("sha256", "samples", "bytes")} for i, _ in shards},
+            "shards": {s["name"]: {k: s[k] for k in ("sha256", "samples", "bytes")} for s in shards},
             "counts": {**counts, "groups": split_info["groups"]},
             "ignored_links": split_info["ignored_links"],
             "params": {"prepare": to_dict(self.cfg)},
@@ -148,49 +286,48 @@ def _remove_stale_shards(out: str, keep: set[str]) -> None:
             FileSystems.delete([meta.path])
 
 
-def _counts(manifest: list[dict], rejects: list[Reject], input_rows: int) -> dict[str, Any]:
-    splits = Counter(r["split"] for r in manifest)
+def _counts(shards: list[dict], reject_parts: list[dict], input_rows: int) -> dict[str, Any]:
+    kept = sum(s["samples"] for s in shards)
+    rejected = sum(r["rows"] for r in reject_parts)
     labels: dict[str, Counter] = {s: Counter() for s in SPLITS}
-    for r in manifest:
-        labels[r["split"]][r["label"] if r["label"] is not None else "<unlabeled>"] += 1
-    modalities = {
-        s: {m: sum(1 for r in manifest if r["split"] == s and r[f"has_{m}"]) for m in ("image", "audio", "text")}
-        for s in SPLITS
-    }
+    modalities = {s: dict.fromkeys(("image", "audio", "text"), 0) for s in SPLITS}
+    for s in shards:
+        labels[s["split"]].update(s["labels"])
+        for m, n in s["modalities"].items():
+            modalities[s["split"]][m] += n
+    reasons, stages = Counter(), Counter()
+    for r in reject_parts:
+        reasons.update(r["reasons"])
+        stages.update(r["stages"])
     return {
         "input_rows": input_rows,
-        "kept": len(manifest),
-        "rejected": len(rejects),
-        "reject_ratio": round(len(rejects) / input_rows, 6) if input_rows else 0.0,
-        "splits": {s: splits.get(s, 0) for s in SPLITS},
+        "kept": kept,
+        "rejected": rejected,
+        "reject_ratio": round(rejected / input_rows, 6) if input_rows else 0.0,
+        "splits": {split: sum(s["samples"] for s in shards if s["split"] == split) for split in SPLITS},
         "labels": {s: dict(sorted(c.items())) for s, c in labels.items()},
         "modalities": modalities,
-        "rejects": dict(sorted(Counter(r.reason for r in rejects).items())),
-        "rejects_by_stage": dict(sorted(Counter(r.stage for r in rejects).items())),
+        "rejects": dict(sorted(reasons.items())),
+        "rejects_by_stage": dict(sorted(stages.items())),
     }
 
 
-def _splits(shards: list[tuple[dict, list]]) -> dict[str, Any]:
+def _splits(shards: list[dict]) -> dict[str, Any]:
     out: dict[str, Any] = {s: {"samples": 0, "shards": []} for s in SPLITS}
-    for info, _ in shards:
+    for info in shards:
         out[info["split"]]["samples"] += info["samples"]
         out[info["split"]]["shards"].append(info["name"])
     return out
 
 
-def _features(cfg: PrepareConfig, manifest: list[dict], image_stats, audio_stats, model: bytes) -> dict[str, Any]:
+def _features(cfg: PrepareConfig, counts: dict, stats: dict, model: bytes) -> dict[str, Any]:
     from mmprep.tokenizer import Tokenizer
 
+    present = {m: any(counts["modalities"][s][m] for s in SPLITS) for m in ("image", "audio", "text")}
     features: dict[str, Any] = {}
-    if any(r["has_image"] for r in manifest):
-        features["image"] = {
-            "member": "jpg",
-            "size": cfg.image.size,
-            "channels": 3,
-            "mean": image_stats["mean"],
-            "std": image_stats["std"],
-        }
-    if any(r["has_audio"] for r in manifest):
+    if present["image"]:
+        features["image"] = {"member": "jpg", "size": cfg.image.size, "channels": 3, **stats["image"]}
+    if present["audio"]:
         a = cfg.audio
         frames = 1 + int(round(a.clip_seconds * a.sample_rate)) // a.hop_length if a.clip_seconds > 0 else None
         features["audio"] = {
@@ -201,10 +338,9 @@ def _features(cfg: PrepareConfig, manifest: list[dict], image_stats, audio_stats
             "sample_rate": a.sample_rate,
             "n_fft": a.n_fft,
             "hop_length": a.hop_length,
-            "mean": audio_stats["mean"],
-            "std": audio_stats["std"],
+            **stats["audio"],
         }
-    if any(r["has_text"] for r in manifest):
+    if present["text"]:
         tok = Tokenizer.from_bytes(model)
         features["text"] = {
             "member": "tokens.npy",

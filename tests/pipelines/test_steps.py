@@ -5,13 +5,14 @@ from mmprep.config import PrepareConfig
 from mmprep.records import RawRow, Reject
 
 
-def test_an_unexpected_error_becomes_a_processing_error_reject(monkeypatch):
+def test_an_unexpected_error_becomes_a_processing_error_reject(monkeypatch, tmp_path):
     def explode(row, loaded, cfg):
         raise MemoryError("decoder blew up")
 
     monkeypatch.setattr(steps, "process_row", explode)
-    fn = steps.ProcessRowFn(PrepareConfig())
+    fn = steps.ProcessRangeFn(PrepareConfig(), str(tmp_path / "cache"), reuse=True)
     fn.setup()
-    (out,) = list(fn.process(RawRow(source="m.jsonl:1", order=0, id="x", text="hello")))
+    out = fn.process_row(RawRow(source="m.jsonl:1", order=0, id="x", text="hello"))
     assert isinstance(out, Reject)  # Separate routes it to the rejects by type
     assert (out.reason, out.stage, out.detail) == ("processing_error", "process", "MemoryError: decoder blew up")
+    assert not (tmp_path / "cache").exists()  # an unexpected error is never cached: the next run tries again

@@ -1,0 +1,145 @@
+"""The per-row result of processing, as bytes: what prepare stages (and caches) between
+processing a row and writing it into a shard.
+
+An entry is named by a digest of everything that decides its content — the row's fields,
+the bytes of its media, the params that act on one row, the code and library versions —
+so a rerun finds the entries of unchanged rows and processes only new or changed rows.
+Where the row sits in the input (`source`, `order`) is not part of the name: inserting
+rows shifts line numbers but reuses every entry; the current values are put back on reading.
+
+Layout (no pickle, nothing executable):
+    MAGIC | u64 header length | header (ASCII JSON) | payloads | sha256 of everything before
+A torn or corrupted entry fails the trailing digest and is treated as absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from importlib import metadata
+from typing import Any
+
+from mmprep.config import PrepareConfig, to_dict
+from mmprep.records import RawRow, Reject, Sample
+
+MAGIC = b"mmprep-staged/1\n"
+FORMAT = 1
+# libraries whose output bytes a processed row depends on (decoders, resampling, JPEG)
+_LIBRARIES = ("mmprep", "numpy", "opencv-python-headless", "opencv-python", "librosa", "soundfile", "soxr", "scipy")
+_PAYLOADS = ("jpg", "mel", "text")
+
+
+def _library_versions() -> dict[str, str]:
+    found = {}
+    for dist in _LIBRARIES:
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def row_params(cfg: PrepareConfig) -> dict[str, Any]:
+    """The params that act on one row on its own (not splits, shards or the tokenizer)."""
+    return {
+        "max_file_bytes": cfg.max_file_bytes,
+        "on_bad_modality": cfg.on_bad_modality,
+        "image": to_dict(cfg.image),
+        "audio": to_dict(cfg.audio),
+        "text_max_chars": cfg.text.max_chars,
+        "label": to_dict(cfg.label),
+    }
+
+
+def context_digest(cfg: PrepareConfig) -> str:
+    """Everything shared by all rows of a run that decides an entry's content."""
+    blob = json.dumps({"format": FORMAT, "params": row_params(cfg), "libraries": _library_versions()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def entry_name(context: str, row: RawRow, media: dict[str, str]) -> str:
+    """The entry's name: 32 hex digits of sha256(context, row fields, media digests).
+
+    `media` maps a modality to the sha256 of the bytes that were read for it."""
+    fields = {
+        "id": row.id,
+        "label": row.label,
+        "text": row.text if isinstance(row.text, str) or row.text is None else row.text.hex(),
+        "extra": row.extra,
+        "modalities": [m for m, v in (("image", row.image), ("audio", row.audio), ("text_file", row.text_path)) if v],
+        "media": media,
+    }
+    blob = json.dumps([context, fields], sort_keys=True, ensure_ascii=True, default=str)
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def encode(result: Sample | Reject) -> bytes:
+    """A processed row (kept Sample or Reject) → entry bytes."""
+    if isinstance(result, Reject):
+        header: dict[str, Any] = {"kind": "reject", "stage": result.stage, "reason": result.reason, "detail": result.detail}
+        payloads: list[bytes] = []
+    else:
+        from mmprep.shards import npy_bytes
+
+        parts = {
+            "jpg": result.jpg,
+            "mel": npy_bytes(result.mel) if result.mel is not None else None,
+            "text": result.text.encode("utf-8") if result.text is not None else None,
+        }
+        meta = {k: v for k, v in result.meta.items() if k != "source"}
+        header = {
+            "kind": "sample",
+            "key": result.key,
+            "label": result.label,
+            "meta": meta,
+            "hashes": result.hashes,
+            "phash": result.phash,
+            "sizes": {name: (len(data) if data is not None else None) for name, data in parts.items()},
+        }
+        payloads = [parts[name] for name in _PAYLOADS if parts[name] is not None]
+    head = json.dumps(header, sort_keys=True, ensure_ascii=True).encode("ascii")
+    body = b"".join([MAGIC, struct.pack("<Q", len(head)), head, *payloads])
+    return body + hashlib.sha256(body).digest()
+
+
+def decode(data: bytes, sample_id: str, source: str, order: int) -> Sample | Reject:
+    """Entry bytes → the processed row, with the row's current id, source and order.
+
+    Anything malformed or torn raises ValueError (the caller then processes the row again)."""
+    if len(data) < len(MAGIC) + 8 + 32 or not data.startswith(MAGIC):
+        raise ValueError("not a staged entry")
+    body, digest = data[:-32], data[-32:]
+    if hashlib.sha256(body).digest() != digest:
+        raise ValueError("staged entry fails its checksum (torn or corrupted)")
+    (length,) = struct.unpack_from("<Q", body, len(MAGIC))
+    start = len(MAGIC) + 8
+    header = json.loads(body[start : start + length])
+    if header["kind"] == "reject":
+        return Reject(sample_id, source, order, header["stage"], header["reason"], header["detail"])
+    offset = start + length
+    parts: dict[str, bytes | None] = {}
+    for name in _PAYLOADS:
+        size = header["sizes"][name]
+        parts[name] = None if size is None else body[offset : offset + size]
+        offset += size or 0
+    if offset != len(body):
+        raise ValueError("staged entry has a wrong length")
+    mel = None
+    if parts["mel"] is not None:
+        from mmprep.shards import load_npy
+
+        mel = load_npy(parts["mel"])
+    return Sample(
+        id=sample_id,
+        key=header["key"],
+        source=source,
+        order=order,
+        label=header["label"],
+        jpg=parts["jpg"],
+        mel=mel,
+        text=parts["text"].decode("utf-8") if parts["text"] is not None else None,
+        meta={**header["meta"], "source": source},
+        hashes=header["hashes"],
+        phash=header["phash"],
+    )
