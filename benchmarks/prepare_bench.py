@@ -1,14 +1,23 @@
-"""Prepare throughput and memory on the demo corpus (run by hand; results go in the README).
+"""Prepare at scale, measured side by side in one run (by hand; the README table comes from it).
 
-    python benchmarks/prepare_bench.py --samples 2000 --workers 1 2
+    python benchmarks/prepare_bench.py --samples 2000 --factor 8 --workers 1 2
 
-For each worker count: wall time, rows/s, and the peak RSS of the driver plus its
-worker processes (sampled every 0.2 s with psutil if installed, else /proc).
+On one demo corpus of about factor·N·1.01 rows it measures
+  * `mmprep prepare` (no cache) on the first N and the first factor·N rows with each worker
+    count: wall time, rows/s, peak RSS of the whole process tree (driver + Beam workers),
+    and the marginal peak RSS per input row, (RSS(factor·N) − RSS(N)) / ((factor−1)·N);
+  * the same per-row kernels in a bare multiprocessing loop on factor·N rows (parse, load,
+    decode, resize/crop, JPEG, phash, resample, log-mel, NFKC, SentencePiece, tar), one
+    process per worker with single-threaded numerical libraries: prepare's share of it;
+  * an incremental rerun: factor·N rows with a cache, then all rows (1 % more) with the same
+    cache, against a run from scratch on all rows: time share and identical bytes;
+  * identical bytes between worker counts.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import subprocess
 import sys
@@ -18,6 +27,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+ONE_THREAD = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}
 
 
 def rss_tree(pid: int) -> int:
@@ -43,43 +54,153 @@ def rss_tree(pid: int) -> int:
     return total
 
 
-def measure(cmd: list[str]) -> tuple[float, int]:
+def measure(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     peak = 0
 
     def sample() -> None:
         nonlocal peak
         while proc.poll() is None:
             peak = max(peak, rss_tree(proc.pid))
-            time.sleep(0.2)
+            time.sleep(0.1)
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    code = proc.wait()
+    _, err = proc.communicate()
     thread.join()
-    if code != 0:
-        raise SystemExit(f"command failed ({code}): {' '.join(cmd)}")
+    if proc.returncode != 0:
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{err.decode()[-2000:]}")
     return time.monotonic() - started, peak
+
+
+def digests(out: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+# ---- the bare loop: the same kernels, no Beam -------------------------------------------
+
+_STATE: dict = {}
+
+
+def _init(params: str, model: bytes) -> None:
+    from mmprep.config import load_params
+    from mmprep.tokenizer import Tokenizer
+    from pipelines.steps import limit_threads
+
+    limit_threads()
+    _STATE["cfg"] = load_params(params).prepare
+    _STATE["tok"] = Tokenizer.from_bytes(model)
+
+
+def _bare_chunk(task: tuple[str, int, list[bytes], str]) -> int:
+    from mmprep.manifest import parse_jsonl_line
+    from mmprep.process import process_row
+    from mmprep.records import Sample
+    from mmprep.shards import sample_members, write_tar
+    from pipelines.read import load_media
+
+    base, first, lines, tar_path = task
+    cfg, tok = _STATE["cfg"], _STATE["tok"]
+
+    def samples():
+        for i, line in enumerate(lines):
+            row = parse_jsonl_line(line, f"m:{first + i}", first + i, base)
+            if not hasattr(row, "image"):
+                continue
+            s = process_row(row, load_media(row, cfg.max_file_bytes), cfg)
+            if not isinstance(s, Sample):
+                continue
+            tokens = tok.encode(s.text, cfg.text.max_tokens) if s.text is not None else None
+            yield s.key, sample_members(s.key, meta=s.meta, jpg=s.jpg, mel=s.mel, tokens=tokens, text=s.text, label_id=0)
+
+    with open(tar_path, "wb") as f:
+        write_tar(f, samples())
+    return len(lines)
+
+
+def bare_loop(manifest: Path, workers: int, params: str, model: bytes, tmp: Path) -> float:
+    import multiprocessing as mp
+
+    lines = [x for x in manifest.read_bytes().splitlines() if x.strip()]
+    tasks = [(str(manifest.parent), i, lines[i : i + 250], str(tmp / f"bare-{workers}-{i}.tar")) for i in range(0, len(lines), 250)]
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers, initializer=_init, initargs=(params, model)) as pool:
+        pool.map(_init_wait, range(workers))
+        started = time.monotonic()
+        done = sum(pool.imap_unordered(_bare_chunk, tasks))
+        seconds = time.monotonic() - started
+    return done / seconds
+
+
+def _init_wait(_: int) -> None:
+    import mmprep.audio  # noqa: F401 - imported in every worker before timing
+    import mmprep.image  # noqa: F401
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--samples", type=int, default=2000, help="N")
+    parser.add_argument("--factor", type=int, default=8)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--params", default=str(ROOT / "params.yaml"))
+    parser.add_argument("--corpus", default=None, help="keep the generated corpus here (reused when it exists)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "corpus"
-        mm = [sys.executable, "-m", "mmprep.cli"]
-        seconds, _ = measure([*mm, "demo-corpus", str(corpus), "--samples", str(args.samples)])
-        rows = sum(1 for line in (corpus / "manifest.jsonl").read_bytes().splitlines() if line.strip())
-        print(f"demo-corpus: {rows} rows in {seconds:.1f}s")
+    n, big = args.samples, args.samples * args.factor
+    env = {**os.environ, **ONE_THREAD}
+    mm = [sys.executable, "-m", "mmprep.cli"]
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        corpus = Path(args.corpus) if args.corpus else tmp / "corpus"
+        seconds = 0.0
+        if not (corpus / "manifest.jsonl").exists():
+            seconds, _ = measure([*mm, "demo-corpus", str(corpus), "--samples", str(int(big * 1.01) + 1), "--params", args.params])
+        lines = [x for x in (corpus / "manifest.jsonl").read_bytes().splitlines(keepends=True) if x.strip()]
+        manifests = {}
+        for name, count in (("small", n), ("big", big), ("grown", len(lines))):
+            manifests[name] = corpus / f"{name}.jsonl"
+            manifests[name].write_bytes(b"".join(lines[:count]))
+        print(f"demo corpus: {len(lines)} rows in {seconds:.0f}s; N={n}, {args.factor}N={big}, grown={len(lines)}")
+
+        def prepare(name: str, out: str, workers: int, *cache: str) -> tuple[float, int]:
+            cmd = [*mm, "prepare", "--input", str(manifests[name]), "--output", str(tmp / out), "--params", args.params,
+                   "--workers", str(workers), *(cache or ("--no-cache",))]
+            return measure(cmd, env)
+
+        results: dict[tuple[str, int], tuple[float, int]] = {}
         for workers in args.workers:
-            out = Path(tmp) / f"out{workers}"
-            cmd = [*mm, "prepare", "--input", str(corpus / "manifest.jsonl"), "--output", str(out),
-                   "--params", str(ROOT / "params.yaml"), "--workers", str(workers)]
-            seconds, peak = measure(cmd)
-            print(f"prepare --workers {workers}: {seconds:.1f}s, {rows / seconds:.0f} rows/s, peak RSS {peak / 2**20:.0f} MiB")
+            for name, rows in (("small", n), ("big", big)):
+                seconds, peak = prepare(name, f"{name}-{workers}", workers)
+                results[(name, workers)] = (seconds, peak)
+                print(f"prepare {rows:>6} rows, {workers} worker(s): {seconds:6.1f}s {rows / seconds:6.1f} rows/s, peak RSS {peak / 2**20:6.0f} MiB", flush=True)
+        model = (tmp / f"big-{args.workers[0]}" / "tokenizer.model").read_bytes()
+        bare = {w: bare_loop(manifests["big"], w, args.params, model, tmp) for w in args.workers}
+        for w, rate in bare.items():
+            print(f"bare loop {big} rows, {w} process(es): {rate:6.1f} rows/s", flush=True)
+
+        w = max(args.workers)
+        cache = str(tmp / "cache")
+        full_cached, _ = prepare("big", "inc", w, "--cache", cache)
+        rerun, _ = prepare("grown", "inc", w, "--cache", cache)
+        scratch, _ = prepare("grown", "scratch", w)
+        same_inc = digests(tmp / "inc") == digests(tmp / "scratch")
+        same_workers = len({tuple(digests(tmp / f"big-{x}").items()) for x in args.workers}) == 1
+
+        print("\n| figure | value |\n|---|---|")
+        for workers in args.workers:
+            (_, rss_n), (t_b, rss_b) = results[("small", workers)], results[("big", workers)]
+            marginal = (rss_b - rss_n) / (big - n)
+            print(f"| peak RSS, {workers} worker(s): {n} → {big} rows | {rss_n / 2**20:.0f} → {rss_b / 2**20:.0f} MiB |")
+            print(f"| marginal peak RSS per input row, {workers} worker(s) | {marginal / 1024:.2f} KB |")
+            print(f"| rows/s at {big} rows, {workers} worker(s) | {big / t_b:.1f} |")
+            print(f"| prepare ÷ bare loop, {workers} worker(s) | {big / t_b / bare[workers]:.2f} |")
+        if len(args.workers) > 1:
+            lo, hi = min(args.workers), max(args.workers)
+            print(f"| throughput {hi} workers ÷ {lo} | {results[('big', lo)][0] / results[('big', hi)][0]:.2f} |")
+        print(f"| full run with cache writes, {big} rows, {w} worker(s) | {full_cached:.1f}s |")
+        print(f"| rerun after adding {len(lines) - big} rows ÷ full run ({w} worker(s)) | {rerun / scratch:.2f} ({rerun:.1f}s / {scratch:.1f}s) |")
+        print(f"| bytes: incremental vs scratch | {'identical' if same_inc else 'DIFFERENT'} |")
+        print(f"| bytes: {' vs '.join(map(str, args.workers))} workers | {'identical' if same_workers else 'DIFFERENT'} |")
 
 
 if __name__ == "__main__":

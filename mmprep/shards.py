@@ -120,18 +120,22 @@ def member_bytes(members: dict[str, bytes]) -> int:
 def assign_shards(items: Iterable[tuple[str, str, int]], cfg) -> dict[str, int]:
     """(split, key, size) → {key: shard index}: per split in key order, a new shard starts
     when the next sample would pass cfg.max_samples or cfg.max_bytes (never leaving one empty)."""
-    by_split: dict[str, list[tuple[str, int]]] = {}
-    for split, key, size in items:
-        by_split.setdefault(split, []).append((key, size))
-    shard_of: dict[str, int] = {}
-    for split in sorted(by_split):
-        index, count, used = 0, 0, 1024  # a tar ends with two 512-byte zero blocks
-        for key, size in sorted(by_split[split]):
-            if count and (count + 1 > cfg.max_samples or used + size > cfg.max_bytes):
-                index, count, used = index + 1, 0, 1024
-            shard_of[key] = index
-            count, used = count + 1, used + size
-    return shard_of
+    ordered = sorted(items, key=lambda it: it[1])
+    index = shard_indices([s for s, _, _ in ordered], [size for _, _, size in ordered], cfg)
+    return {key: i for (_, key, _), i in zip(ordered, index, strict=True)}
+
+
+def shard_indices(splits: list[str], sizes: list[int], cfg) -> list[int]:
+    """The shard index of each sample, samples given in key order (see assign_shards)."""
+    state: dict[str, list[int]] = {}  # split -> [index, count, bytes used]
+    out = []
+    for split, size in zip(splits, sizes, strict=True):
+        st = state.setdefault(split, [0, 0, 1024])  # a tar ends with two 512-byte zero blocks
+        if st[1] and (st[1] + 1 > cfg.max_samples or st[2] + size > cfg.max_bytes):
+            st[0], st[1], st[2] = st[0] + 1, 0, 1024
+        out.append(st[0])
+        st[1], st[2] = st[1] + 1, st[2] + size
+    return out
 
 
 def write_shard(path: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> tuple[str, int]:

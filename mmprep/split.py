@@ -9,7 +9,7 @@ together (a stock caption) is ignored and reported instead.
 from __future__ import annotations
 
 import hashlib
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -30,9 +30,14 @@ class LinkInfo:
 
 @dataclass
 class SplitResult:
-    split_of: dict[str, str]
+    keys: list[str]  # sorted
+    splits: list[str]  # the split of keys[i]
     groups: int
     ignored_links: list[dict] = field(default_factory=list)
+
+    @property
+    def split_of(self) -> dict[str, str]:
+        return dict(zip(self.keys, self.splits, strict=True))
 
 
 class _UnionFind:
@@ -66,29 +71,35 @@ def _cap(n: int, cfg: PrepareConfig) -> int:
     return max(2, int(cfg.max_link_share * n))
 
 
-def _link_exact(items: Sequence[LinkInfo], cfg: PrepareConfig, uf: _UnionFind, ignored: list[dict]) -> None:
-    members: dict[tuple[str, str], list[int]] = defaultdict(list)
-    for i, item in enumerate(items):
-        for modality, digest in item.links:
-            if modality in cfg.link_modalities:
-                members[(modality, digest)].append(i)
-    for (modality, digest), idx in sorted(members.items()):
-        if len(idx) > uf.cap:
-            ignored.append({"modality": modality, "hash": digest[:16], "samples": len(idx), "why": "shared too widely"})
-            continue
-        refused = sum(not uf.union(idx[0], j) for j in idx[1:])
-        if refused:
-            ignored.append({"modality": modality, "hash": digest[:16], "samples": len(idx), "why": "would glue a too-large group"})
+def _link_exact(links: dict[str, list[str | int | None]], cfg: PrepareConfig, uf: _UnionFind, ignored: list[dict]) -> None:
+    """Samples sharing a content hash are linked, hashes visited in (modality, hash) order.
+    Columnar (index lists sorted by hash), not a dict of lists: a few bytes per sample."""
+    for modality in sorted(set(cfg.link_modalities) & set(links)):
+        values = links[modality]
+        order = sorted((i for i, v in enumerate(values) if v is not None), key=values.__getitem__)
+        start = 0
+        while start < len(order):
+            digest = values[order[start]]
+            end = start + 1
+            while end < len(order) and values[order[end]] == digest:
+                end += 1
+            if end - start > 1:
+                idx = sorted(order[start:end])
+                if len(idx) > uf.cap:
+                    ignored.append({"modality": modality, "hash": _hex(digest), "samples": len(idx), "why": "shared too widely"})
+                elif sum(not uf.union(idx[0], j) for j in idx[1:]):
+                    ignored.append({"modality": modality, "hash": _hex(digest), "samples": len(idx), "why": "would glue a too-large group"})
+            start = end
 
 
-def _link_phash(items: Sequence[LinkInfo], cfg: PrepareConfig, uf: _UnionFind, ignored: list[dict]) -> None:
+def _link_phash(phashes: Sequence[int | None], cfg: PrepareConfig, uf: _UnionFind, ignored: list[dict]) -> None:
     """Multi-index hashing: with d+1 bands, two hashes within d bits agree on some band;
     candidates in a band bucket are compared all-pairs with numpy popcounts."""
     if "image" not in cfg.link_modalities:
         return
     d = cfg.phash_distance
-    index = np.array([i for i, it in enumerate(items) if it.phash is not None], dtype=np.int64)
-    hashes = np.array([items[i].phash for i in index], dtype=np.uint64)
+    index = np.array([i for i, ph in enumerate(phashes) if ph is not None], dtype=np.int64)
+    hashes = np.array([phashes[i] for i in index], dtype=np.uint64)
     bands = d + 1
     width = 64 // bands
     pairs: set[tuple[int, int, int]] = set()
@@ -113,16 +124,22 @@ def _link_phash(items: Sequence[LinkInfo], cfg: PrepareConfig, uf: _UnionFind, i
         ignored.append({"modality": "image_phash", "hash": "", "samples": len(refused), "why": "neighbour links refused: they would glue a too-large group"})
 
 
-def _salted(salt: str, text: str) -> str:
-    return hashlib.sha256(f"{salt}|{text}".encode()).hexdigest()
+def _salted(salt: str, text: str) -> int:
+    """The first 64 bits of sha256(salt|text): the same order as its hex digest, in 32 bytes."""
+    return int.from_bytes(hashlib.sha256(f"{salt}|{text}".encode()).digest()[:8], "big")
+
+
+def _hex(digest: str | int) -> str:
+    return digest[:16] if isinstance(digest, str) else f"{digest:016x}"
 
 
 def _targets(cfg: PrepareConfig) -> dict[str, float]:
     return {s: cfg.splits.get(s, 0.0) for s in SPLIT_ORDER if cfg.splits.get(s, 0.0) > 0}
 
 
-def _assign_groups(groups: list[tuple[str, Counter]], cfg: PrepareConfig) -> dict[str, str]:
-    """Greedy stratified group assignment (as in stratified group k-fold).
+def _assign_groups(groups: list[tuple[str, tuple[tuple[str, int], ...]]], cfg: PrepareConfig) -> list[str]:
+    """Greedy stratified group assignment (as in stratified group k-fold); groups are
+    (name, ((label, count), …)) and the result is the split of each, in input order.
 
     Groups are visited largest first, ties in salted-hash order (the "random" part);
     each goes to the split with the largest remaining deficit for the labels it holds,
@@ -130,36 +147,61 @@ def _assign_groups(groups: list[tuple[str, Counter]], cfg: PrepareConfig) -> dic
     targets = _targets(cfg)
     totals: Counter = Counter()
     for _, labels in groups:
-        totals.update(labels)
+        for label, c in labels:
+            totals[label] += c
     n = sum(totals.values())
     have = {s: Counter() for s in targets}
     size = dict.fromkeys(targets, 0)
-    order = sorted(groups, key=lambda g: (-sum(g[1].values()), _salted(cfg.split_salt, g[0])))
-    out: dict[str, str] = {}
-    for gid, labels in order:
-        count = sum(labels.values())
+    visit = sorted(range(len(groups)), key=lambda g: (-sum(c for _, c in groups[g][1]), _salted(cfg.split_salt, groups[g][0])))
+    out = [""] * len(groups)
+    for g in visit:
+        labels = groups[g][1]
+        count = sum(c for _, c in labels)
 
-        def deficit(split: str, labels: Counter = labels, count: int = count) -> float:
-            per_label = sum(c * (targets[split] * totals[lab] - have[split][lab]) / totals[lab] for lab, c in labels.items())
+        def deficit(split: str, labels=labels, count: int = count) -> float:
+            per_label = sum(c * (targets[split] * totals[lab] - have[split][lab]) / totals[lab] for lab, c in labels)
             return per_label + count * (targets[split] * n - size[split]) / n
 
         best = max(targets, key=lambda s: (round(deficit(s), 9), -SPLIT_ORDER.index(s)))
-        out[gid] = best
-        have[best].update(labels)
+        out[g] = best
+        for label, c in labels:
+            have[best][label] += c
         size[best] += count
     return out
 
 
 def assign_splits(items: Sequence[LinkInfo], cfg: PrepareConfig) -> SplitResult:
     items = sorted(items, key=lambda it: it.key)
-    uf = _UnionFind(len(items), _cap(len(items), cfg))
+    links = {m: [dict(it.links).get(m) for it in items] for m in ("image", "audio", "text")}
+    return split_columns([it.key for it in items], [it.label for it in items], links, [it.phash for it in items], cfg)
+
+
+def split_columns(
+    keys: list[str],
+    labels: list[str | None],
+    links: dict[str, list[str | int | None]],  # a content hash (hex, or its first 64 bits as an int)
+    phashes: list[int | None],
+    cfg: PrepareConfig,
+) -> SplitResult:
+    """The split of every sample, from columns aligned with `keys` (sorted, unique)."""
+    n = len(keys)
+    uf = _UnionFind(n, _cap(n, cfg))
     ignored: list[dict] = []
-    _link_exact(items, cfg, uf, ignored)
-    _link_phash(items, cfg, uf, ignored)
-    members: dict[int, list[int]] = defaultdict(list)
-    for i in range(len(items)):
-        members[uf.find(i)].append(i)
-    groups = [(items[root].key, Counter(items[i].label or "" for i in idx)) for root, idx in members.items()]
-    group_split = _assign_groups(groups, cfg)  # a group is named by its smallest key (the root)
-    split_of = {items[i].key: group_split[items[root].key] for root, idx in members.items() for i in idx}
-    return SplitResult(split_of=split_of, groups=len(members), ignored_links=ignored)
+    _link_exact(links, cfg, uf, ignored)
+    _link_phash(phashes, cfg, uf, ignored)
+    roots = [uf.find(i) for i in range(n)]
+    by_root = sorted(range(n), key=roots.__getitem__)
+    groups: list[tuple[str, tuple[tuple[str, int], ...]]] = []
+    group_of_root = [0] * n
+    start = 0
+    while start < n:  # a group is named by its smallest key (the root)
+        root, end = roots[by_root[start]], start + 1
+        while end < n and roots[by_root[end]] == root:
+            end += 1
+        counts = Counter(labels[i] or "" for i in by_root[start:end])
+        group_of_root[root] = len(groups)
+        groups.append((keys[root], tuple(sorted(counts.items()))))
+        start = end
+    del by_root
+    group_split = _assign_groups(groups, cfg)
+    return SplitResult(keys=keys, splits=[group_split[group_of_root[r]] for r in roots], groups=len(groups), ignored_links=ignored)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import heapq
-import itertools
 from typing import NamedTuple
 
 import apache_beam as beam
@@ -15,7 +13,6 @@ from mmprep.config import PrepareConfig
 from mmprep.process import process_row
 from mmprep.records import RawRow, RecordError, Reject, Sample, reject
 from mmprep.shards import member_bytes, sample_members
-from mmprep.split import LinkInfo
 from pipelines.progress import WorkerCount
 from pipelines.read import Range, load_media, read_range
 from pipelines.staging import Store
@@ -26,36 +23,17 @@ def counted(rej: Reject) -> Reject:
     return rej
 
 
-def is_reject(element: object) -> bool:
-    return isinstance(element, Reject)
+def _gathered(item: tuple[None, list]) -> list:
+    return sorted(item[1], key=repr)  # a deterministic order whatever the runner delivered
 
 
-def is_kept(element: object) -> bool:
-    return not isinstance(element, Reject)
-
-
-def is_read_reject(element: object) -> bool:
-    """A row that could not be parsed (no RawRow, so no id to deduplicate on)."""
-    return isinstance(element, Reject) and element.stage == "read"
-
-
-def is_parsed(element: object) -> bool:
-    return not is_read_reject(element)
-
-
-class Separate(beam.PTransform):
-    """A DoFn whose output mixes records and rejects → (records, rejects), split by type.
-
-    Not tagged outputs (`with_outputs`): Beam 2.77's DaskRunner drops output tags and would
-    deliver the rejects into the main output."""
-
-    def __init__(self, fn: beam.DoFn) -> None:
-        super().__init__()
-        self.fn = fn
+class Gather(beam.PTransform):
+    """All elements of a (small) PCollection as one list: a GroupByKey on one key, so every
+    runner delivers each element exactly once (Beam 2.77's DaskRunner did not, for
+    `combiners.ToList`, see README Limits)."""
 
     def expand(self, pcoll):
-        mixed = pcoll | "Apply" >> beam.ParDo(self.fn)
-        return mixed | "Kept" >> beam.Filter(is_kept), mixed | "Rejected" >> beam.Filter(is_reject)
+        return pcoll | "OneKey" >> beam.Map(lambda x: (None, x)) | "Group" >> beam.GroupByKey() | "List" >> beam.Map(_gathered)
 
 
 class Kept(NamedTuple):
@@ -97,7 +75,7 @@ def size_bound(s: Sample, max_tokens: int) -> int:
 
 
 def light(s: Sample, entry: str, max_tokens: int) -> Kept:
-    links = tuple((m, s.hashes[name][:32]) for m, name in (("image", "image"), ("audio", "audio"), ("text", "text_link")) if name in s.hashes)
+    links = tuple((m, s.hashes[name][:16]) for m, name in (("image", "image"), ("audio", "audio"), ("text", "text_link")) if name in s.hashes)
     signature = s.content_signature[:32]
     return Kept(s.key, s.id, s.order, s.source, s.label, entry, signature, links, s.phash, s.text is not None, size_bound(s, max_tokens))
 
@@ -116,10 +94,11 @@ class ProcessRangeFn(beam.DoFn):
     """Read one input range; for each row, load its media (FileSystems), then reuse its
     staged entry or decode/clean/normalize/featurize/label it and stage the result.
 
-    Emits a light `Kept` record or a Reject per row; the payload stays in the store."""
+    The range's light records (`Kept` or Reject per row) go to one index part file under
+    `work`; the element emitted is the part's path and row count."""
 
-    def __init__(self, cfg: PrepareConfig, store: str, reuse: bool, progress: str | None = None, total: int = 0) -> None:
-        self.cfg, self.store_root, self.reuse = cfg, store, reuse
+    def __init__(self, cfg: PrepareConfig, store: str, reuse: bool, work: str, progress: str | None = None, total: int = 0) -> None:
+        self.cfg, self.store_root, self.reuse, self.work = cfg, store, reuse, work
         self.progress_dir, self.total = progress, total
         self.rows = Metrics.counter("read", "rows")
         self.kept = Metrics.counter("process", "kept")
@@ -134,15 +113,22 @@ class ProcessRangeFn(beam.DoFn):
         self.progress = WorkerCount(self.progress_dir, self.total)
 
     def process(self, rng: Range):
+        from pipelines.plan import INDEX_SCHEMA, index_row
+        from pipelines.write import join, put, table_bytes
+
+        rows = []
         for row in read_range(rng):
             self.rows.inc()
             result = row if isinstance(row, Reject) else self.process_row(row)
             self.progress.add()
             if isinstance(result, Reject):
-                yield counted(result)
+                counted(result)
             else:
                 self.kept.inc()
-                yield result
+            rows.append(index_row(result))
+        part = join(self.work, "index", f"{rng.order:012d}.parquet")
+        put(part, table_bytes(rows, INDEX_SCHEMA))
+        yield {"part": part, "rows": len(rows)}
 
     def finish_bundle(self) -> None:
         self.progress.flush()
@@ -175,117 +161,15 @@ class ProcessRangeFn(beam.DoFn):
         return result if isinstance(result, Reject) else light(result, name, self.cfg.text.max_tokens)
 
 
-def by_id(record: Kept | Reject) -> tuple[str, Kept | Reject]:
-    return record.id, record
-
-
-class KeepFirstFn(beam.DoFn):
-    """Records grouped on a key (an id, a content signature): the first in input order is
-    kept, the others become rejects pointing at it (`duplicate_of`)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        self.reason, self.detail = reason, detail
-
-    def process(self, element: tuple[str, list[Kept | Reject]]):
-        _, records = element
-        first, *others = sorted(records, key=lambda r: r.order)
-        yield first
-        for record in others:
-            err = RecordError(self.reason, f"{self.detail} {first.source}")
-            yield counted(reject(record, err, duplicate_of=first.id))
-
-
-def by_signature(kept: Kept) -> tuple[str, Kept]:
-    return kept.signature, kept
-
-
-def label_of(kept: Kept) -> list[str]:
-    return [kept.label] if kept.label is not None else []
-
-
-def link_info(kept: Kept) -> LinkInfo:
-    return LinkInfo(key=kept.key, label=kept.label, links=kept.links, phash=kept.phash)
-
-
-def split_of(result) -> dict[str, str]:
-    return result.split_of
-
-
-def split_report(result) -> dict:
-    return {"groups": result.groups, "ignored_links": result.ignored_links}
-
-
-def with_split(kept: Kept, split_of: dict[str, str]) -> tuple[str, Kept]:
-    return split_of[kept.key], kept
-
-
-def is_train(item: tuple[str, Kept]) -> bool:
-    return item[0] == "train"
-
-
-def size_of(item: tuple[str, Kept]) -> tuple[str, str, int]:
-    split, kept = item
-    return split, kept.key, kept.size
-
-
-def train_text(item: tuple[str, Kept], salt: str) -> list[tuple[str, str]]:
-    """Train rows with text keyed by a salted digest: the smallest K form a bounded, unbiased sample."""
-    kept = item[1]
-    if not kept.has_text:
-        return []
-    return [(hashlib.sha256(f"{salt}|{kept.key}".encode()).hexdigest(), kept.entry)]
-
-
-class SmallestFn(beam.CombineFn):
-    """The n smallest elements, sorted (what `beam.combiners.Top.Smallest` gives): a plain
-    CombineFn, because Top's per-bundle pre-combining gave another sample on Beam 2.77's DaskRunner."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def create_accumulator(self) -> list:
-        return []
-
-    def add_input(self, acc: list, element) -> list:
-        acc.append(element)
-        return heapq.nsmallest(self.n, acc) if len(acc) >= 2 * self.n else acc  # bounded memory
-
-    def merge_accumulators(self, accumulators) -> list:
-        return heapq.nsmallest(self.n, itertools.chain.from_iterable(accumulators))
-
-    def extract_output(self, acc: list) -> list:
-        return heapq.nsmallest(self.n, acc)
-
-
-def read_staged(store: Store, kept: Kept) -> Sample:
+def read_staged(store: Store, entry: str, sample_id: str, source: str, order: int) -> Sample:
     """A kept row's payload back from the store; a missing entry is a clear error."""
     from mmprep import staged
 
-    data = store.get(kept.entry)
+    data = store.get(entry)
     if data is None:
-        raise OSError(f"staged entry {store.path(kept.entry)} of {kept.source} vanished during the run "
+        raise OSError(f"staged entry {store.path(entry)} of {source} vanished during the run "
                       "(was the cache directory cleared?); run prepare again")
-    sample = staged.decode(data, kept.id, kept.source, kept.order)
+    sample = staged.decode(data, sample_id, source, order)
     if not isinstance(sample, Sample):
-        raise OSError(f"staged entry {store.path(kept.entry)} does not hold a kept sample")
+        raise OSError(f"staged entry {store.path(entry)} does not hold a kept sample")
     return sample
-
-
-class TrainTokenizerFn(beam.DoFn):
-    """The SentencePiece model from the sampled train texts (read back from the store)."""
-
-    def __init__(self, cfg: PrepareConfig, store: str) -> None:
-        self.cfg, self.store_root = cfg, store
-
-    def process(self, sample: list[tuple[str, str]]):
-        from mmprep import staged
-        from mmprep.tokenizer import train_tokenizer
-
-        store = Store(self.store_root)
-        texts = []
-        for _, entry in sample:
-            data = store.get(entry)
-            if data is None:
-                raise OSError(f"staged entry {store.path(entry)} vanished during the run; run prepare again")
-            texts.append(staged.decode(data, "", "", 0).text)
-        yield train_tokenizer(texts, self.cfg.text)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import json
 import os
 import platform
 import posixpath
@@ -21,10 +22,10 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from mmprep.config import PrepareConfig, to_dict
-from mmprep.records import Reject, Sample
-from mmprep.shards import SPLITS, dumps_json, sample_members, shard_name, write_tar
+from mmprep.records import Sample
+from mmprep.shards import SPLITS, dumps_json, sample_members, write_tar
 from pipelines.staging import Store
-from pipelines.steps import Kept, limit_threads, read_staged, shard_meta
+from pipelines.steps import limit_threads, read_staged, shard_meta
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -43,21 +44,10 @@ MANIFEST_SCHEMA = pa.schema(
         ("text_sha256", pa.string()),
     ]
 )
-REJECTS_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("source", pa.string()),
-        ("stage", pa.string()),
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-        ("duplicate_of", pa.string()),
-    ]
-)
 VERSIONED = ("mmprep", "apache-beam", "numpy", "opencv-python-headless", "librosa", "soundfile", "sentencepiece", "pyarrow")
 
 
 WORK = ".mmprep-work"  # inside the output: parts of the tables (and staging with --no-cache); removed at the end
-REJECT_BUCKET = 10_000  # input rows per rejects part
 
 
 def join(out: str, *names: str) -> str:
@@ -124,35 +114,29 @@ def manifest_row(s: Sample, split: str, label_id: int | None, shard: str) -> dic
     }
 
 
-def shard_key(item: tuple[str, Kept], shard_of: dict[str, int]) -> tuple[str, tuple[str, Kept]]:
-    split, kept = item
-    return f"{split}|{shard_of[kept.key]}", item
-
-
 class WriteShardFn(beam.DoFn):
-    """One (split, shard) group of light records → one tar, streamed member by member from
-    the staging store (tokenized here), written atomically; its manifest rows go to a part
-    file. Emits the shard's info, counts and (train) normalization moments."""
+    """One shard's plan part → one tar, streamed member by member from the staging store
+    (tokenized here), written atomically; its manifest rows go to a part file. Emits the
+    shard's info, counts and (train) normalization moments."""
 
-    def __init__(self, out: str, store: str, cfg: PrepareConfig) -> None:
-        self.out, self.store_root, self.cfg = out, store, cfg
+    def __init__(self, out: str, work: str, store: str, cfg: PrepareConfig) -> None:
+        self.out, self.work, self.store_root, self.cfg = out, work, store, cfg
         self.written = Metrics.counter("write", "shards")
-        self._model: bytes | None = None
 
     def setup(self) -> None:
-        limit_threads()
-        self.store = Store(self.store_root)
-
-    def process(self, element: tuple[str, list[tuple[str, Kept]]], model: bytes, labels: list[str]):
-        from mmprep.image import decode_jpg
-        from mmprep.stats import Moments
         from mmprep.tokenizer import Tokenizer
 
-        if self._model != model:
-            self._tokenizer, self._model = Tokenizer.from_bytes(model), model
-        group, items = element
-        split, index = group.split("|")
-        name = shard_name(split, int(index))
+        limit_threads()
+        self.store = Store(self.store_root)
+        self.tokenizer = Tokenizer.from_bytes(read_bytes(join(self.work, "tokenizer.model")))
+
+    def process(self, task: tuple[str, str]):
+        from mmprep.image import decode_jpg
+        from mmprep.stats import Moments
+        from pipelines.plan import PLAN_SCHEMA, read_table
+
+        name, split = task
+        plan = read_table(join(self.work, "plan", f"{name}.parquet"), PLAN_SCHEMA).to_pylist()
         a = self.cfg.audio
         image, audio = Moments.empty(3), Moments.empty(a.n_mels if a.feature == "logmel" else a.n_mfcc)
         rows: list[dict] = []
@@ -160,10 +144,10 @@ class WriteShardFn(beam.DoFn):
         modalities: Counter = Counter()
 
         def samples():
-            for _, kept in sorted(items, key=lambda item: item[1].key):
-                s = read_staged(self.store, kept)
-                tokens = self._tokenizer.encode(s.text, self.cfg.text.max_tokens) if s.text is not None else None
-                label_id = labels.index(s.label) if s.label is not None else None
+            for p in plan:  # sorted by key
+                s = read_staged(self.store, p["entry"], p["id"], p["source"], p["order"])
+                label_id = p["label_id"]
+                tokens = self.tokenizer.encode(s.text, self.cfg.text.max_tokens) if s.text is not None else None
                 meta = shard_meta(s, split, label_id, int(tokens.shape[0]) if tokens is not None else None)
                 rows.append(manifest_row(s, split, label_id, name))
                 labels_seen[s.label if s.label is not None else "<unlabeled>"] += 1
@@ -178,7 +162,7 @@ class WriteShardFn(beam.DoFn):
 
         with atomic_stream(join(self.out, name)) as f:
             sha, size = write_tar(f, samples())
-        put(join(self.out, WORK, "parts", f"manifest-{name}.parquet"), table_bytes(rows, MANIFEST_SCHEMA))
+        put(join(self.work, "parts", f"manifest-{name}.parquet"), table_bytes(rows, MANIFEST_SCHEMA))
         self.written.inc()
         yield {
             "name": name,
@@ -190,28 +174,6 @@ class WriteShardFn(beam.DoFn):
             "modalities": dict(modalities),
             "image_moments": image,
             "audio_moments": audio,
-        }
-
-
-def reject_bucket(rej: Reject) -> tuple[str, Reject]:
-    return f"{rej.order // REJECT_BUCKET:012d}", rej
-
-
-class WriteRejectsFn(beam.DoFn):
-    """One bucket of input rows' rejects → a part file (sorted by input order); emits counts."""
-
-    def __init__(self, out: str) -> None:
-        self.out = out
-
-    def process(self, element: tuple[str, list[Reject]]):
-        bucket, rejects = element
-        rejects = sorted(rejects, key=lambda r: (r.order, r.reason, r.source))
-        put(join(self.out, WORK, "parts", f"rejects-{bucket}.parquet"), table_bytes([r.row() for r in rejects], REJECTS_SCHEMA))
-        yield {
-            "bucket": bucket,
-            "rows": len(rejects),
-            "reasons": dict(Counter(r.reason for r in rejects)),
-            "stages": dict(Counter(r.stage for r in rejects)),
         }
 
 
@@ -237,24 +199,24 @@ def versions() -> dict[str, str]:
 
 
 class FinalizeFn(beam.DoFn):
-    """Tables, tokenizer and dataset.json once every shard is written; dataset.json last.
+    """manifest.parquet, tokenizer.model and dataset.json once every shard is written;
+    dataset.json last. Over prepare.max_reject_ratio, dataset.json is NOT written: the
+    driver reports it."""
 
-    Over prepare.max_reject_ratio, dataset.json is NOT written: the driver reports it."""
+    def __init__(self, out: str, work: str, cfg: PrepareConfig) -> None:
+        self.out, self.work, self.cfg = out, work, cfg
 
-    def __init__(self, out: str, cfg: PrepareConfig) -> None:
-        self.out, self.cfg = out, cfg
-
-    def process(self, _, shards, reject_parts, input_rows, labels, model, split_info):
+    def process(self, shards: list[dict]):
         from mmprep.stats import Moments
 
+        plan = json.loads(read_bytes(join(self.work, "plan.json")))
         shards = sorted(shards, key=lambda s: s["name"])  # test-…, train-…, val-…: (split, key) order
-        reject_parts = sorted(reject_parts, key=lambda r: r["bucket"])
-        parts = join(self.out, WORK, "parts")
-        concat_parts([join(parts, f"manifest-{s['name']}.parquet") for s in shards], MANIFEST_SCHEMA, join(self.out, "manifest.parquet"))
-        concat_parts([join(parts, f"rejects-{r['bucket']}.parquet") for r in reject_parts], REJECTS_SCHEMA, join(self.out, "rejects.parquet"))
+        parts = [join(self.work, "parts", f"manifest-{s['name']}.parquet") for s in shards]
+        concat_parts(parts, MANIFEST_SCHEMA, join(self.out, "manifest.parquet"))
+        model = read_bytes(join(self.work, "tokenizer.model"))
         put(join(self.out, "tokenizer.model"), model)
         _remove_stale_shards(self.out, {s["name"] for s in shards})
-        counts = _counts(shards, reject_parts, input_rows)
+        counts = _counts(shards, plan)
         if counts["reject_ratio"] > self.cfg.max_reject_ratio:
             return
         train = [s for s in shards if s["split"] == "train"]
@@ -266,12 +228,12 @@ class FinalizeFn(beam.DoFn):
             stats[modality] = {"mean": mean, "std": std}
         dataset = {
             "format": "mmprep-dataset/1",
-            "labels": labels,
+            "labels": plan["labels"],
             "features": _features(self.cfg, counts, stats, model),
             "splits": _splits(shards),
             "shards": {s["name"]: {k: s[k] for k in ("sha256", "samples", "bytes")} for s in shards},
-            "counts": {**counts, "groups": split_info["groups"]},
-            "ignored_links": split_info["ignored_links"],
+            "counts": {**counts, "groups": plan["groups"]},
+            "ignored_links": plan["ignored_links"],
             "params": {"prepare": to_dict(self.cfg)},
             "versions": versions(),
         }
@@ -286,19 +248,15 @@ def _remove_stale_shards(out: str, keep: set[str]) -> None:
             FileSystems.delete([meta.path])
 
 
-def _counts(shards: list[dict], reject_parts: list[dict], input_rows: int) -> dict[str, Any]:
+def _counts(shards: list[dict], plan: dict) -> dict[str, Any]:
     kept = sum(s["samples"] for s in shards)
-    rejected = sum(r["rows"] for r in reject_parts)
+    input_rows, rejected = plan["input_rows"], plan["rejected"]
     labels: dict[str, Counter] = {s: Counter() for s in SPLITS}
     modalities = {s: dict.fromkeys(("image", "audio", "text"), 0) for s in SPLITS}
     for s in shards:
         labels[s["split"]].update(s["labels"])
         for m, n in s["modalities"].items():
             modalities[s["split"]][m] += n
-    reasons, stages = Counter(), Counter()
-    for r in reject_parts:
-        reasons.update(r["reasons"])
-        stages.update(r["stages"])
     return {
         "input_rows": input_rows,
         "kept": kept,
@@ -307,8 +265,8 @@ def _counts(shards: list[dict], reject_parts: list[dict], input_rows: int) -> di
         "splits": {split: sum(s["samples"] for s in shards if s["split"] == split) for split in SPLITS},
         "labels": {s: dict(sorted(c.items())) for s, c in labels.items()},
         "modalities": modalities,
-        "rejects": dict(sorted(reasons.items())),
-        "rejects_by_stage": dict(sorted(stages.items())),
+        "rejects": plan["rejects"],
+        "rejects_by_stage": plan["rejects_by_stage"],
     }
 
 
