@@ -61,6 +61,13 @@ def pipeline_options(beam_args: list[str], workers: int | None) -> PipelineOptio
     std = options.view_as(StandardOptions)
     if std.runner is None:
         std.runner = "FnApiRunner"
+    if std.runner and std.runner.endswith("DaskRunner") and not any(
+        a.startswith(("--dask_partition_size", "--dask_npartitions")) for a in beam_args
+    ):
+        # one input range per Dask partition, so the ranges spread over the workers (the
+        # DaskRunner's default of 128 elements per partition would put them all on one)
+        options = PipelineOptions([*beam_args, "--dask_partition_size", "1"])
+        std = options.view_as(StandardOptions)
     direct = options.view_as(DirectOptions)
     if workers is not None:
         if workers < 1:

@@ -103,6 +103,7 @@ class ProcessRangeFn(beam.DoFn):
         self.rows = Metrics.counter("read", "rows")
         self.kept = Metrics.counter("process", "kept")
         self.reused = Metrics.counter("process", "reused")
+        self.fresh = Metrics.counter("process", "processed")
 
     def setup(self) -> None:
         from mmprep.staged import context_digest
@@ -150,6 +151,7 @@ class ProcessRangeFn(beam.DoFn):
                 if result is not None:
                     self.reused.inc()
                     return result if isinstance(result, Reject) else light(result, name, self.cfg.text.max_tokens)
+        self.fresh.inc()
         try:
             result = process_row(row, loaded, self.cfg)
         except Exception as err:  # noqa: BLE001 - one exotic file must not stop a million-row job:

@@ -124,17 +124,19 @@ class WriteShardFn(beam.DoFn):
         self.written = Metrics.counter("write", "shards")
 
     def setup(self) -> None:
-        from mmprep.tokenizer import Tokenizer
-
         limit_threads()
         self.store = Store(self.store_root)
-        self.tokenizer = Tokenizer.from_bytes(read_bytes(join(self.work, "tokenizer.model")))
+        self.tokenizer = None
 
     def process(self, task: tuple[str, str]):
         from mmprep.image import decode_jpg
         from mmprep.stats import Moments
+        from mmprep.tokenizer import Tokenizer
         from pipelines.plan import PLAN_SCHEMA, read_table
 
+        if self.tokenizer is None:  # written by the plan step (not in setup: some runners set up
+            # a DoFn for an empty partition before its input exists)
+            self.tokenizer = Tokenizer.from_bytes(read_bytes(join(self.work, "tokenizer.model")))
         name, split = task
         plan = read_table(join(self.work, "plan", f"{name}.parquet"), PLAN_SCHEMA).to_pylist()
         a = self.cfg.audio

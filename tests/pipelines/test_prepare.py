@@ -79,9 +79,57 @@ def test_nothing_lost_and_every_dirt_kind_rejected_with_its_reason(prepared, cor
 
 def test_reproducible_bytes_with_two_worker_processes(prepared, corpus, tmp_path):
     out = tmp_path / "prepared2"
-    argv = ["--input", str(corpus / "manifest.jsonl"), "--output", str(out), "--params", str(PARAMS), "--workers", "2"]
+    argv = ["--input", str(corpus / "manifest.jsonl"), "--output", str(out), "--params", str(PARAMS), "--workers", "2",
+            "--no-cache"]
     assert prepare_main(argv) == 0
     assert digests(out) == digests(prepared)
+
+
+@pytest.mark.slow
+def test_reproducible_bytes_on_a_dask_cluster(prepared, corpus, tmp_path):
+    """Beam's DaskRunner on a dask.distributed scheduler with two separate worker processes
+    writes the same bytes as the local runner."""
+    pytest.importorskip("distributed", reason="pip install 'mmprep[dask]'")
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    py = [sys.executable, "-m"]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    scheduler = subprocess.Popen([*py, "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                  "--no-dashboard"], **quiet)
+    procs = [scheduler]
+    try:
+        _wait_for_port(port, scheduler)
+        procs += [subprocess.Popen([*py, "distributed.cli.dask_worker", address, "--nthreads", "1", "--no-dashboard"], **quiet)
+                  for _ in range(2)]
+        _wait_for_workers(address, 2)
+        out = tmp_path / "dask"
+        run = subprocess.run(
+            [*py, "mmprep.cli", "prepare", "--input", str(corpus / "manifest.jsonl"), "--output", str(out),
+             "--params", str(PARAMS), "--no-cache", "--runner", "apache_beam.runners.dask.dask_runner.DaskRunner",
+             "--dask_client_address", address],
+            capture_output=True, text=True, timeout=600,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "DaskRunner" in run.stderr
+        assert digests(out) == digests(prepared)
+        assert not (out / ".mmprep-work").exists()
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def _wait_for_workers(address: str, n: int, seconds: float = 90) -> None:
+    import time
+
+    from distributed import Client
+
+    with Client(address, timeout=seconds) as client:
+        deadline = time.monotonic() + seconds
+        while len(client.scheduler_info()["workers"]) < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{n} dask workers did not register in {seconds}s")
+            time.sleep(0.5)
 
 
 def _free_port() -> int:

@@ -1,0 +1,169 @@
+"""Prepare at scale: input ranges read in parallel, the processed-row cache, progress."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mmprep.democorpus import write_demo_corpus
+from mmprep.manifest import parse_record
+from pipelines import read
+from pipelines.prepare import main as prepare_main
+from pipelines.progress import Reporter, Window, line
+
+ROOT = Path(__file__).resolve().parents[2]
+PARAMS = ROOT / "params.yaml"
+
+
+def digests(out: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+def rows_of(plan: read.Plan) -> list[tuple]:
+    out = []
+    for rng in plan.ranges:
+        for r in read.read_range(rng):
+            out.append((r.source, r.order, r.id, getattr(r, "text", None), getattr(r, "reason", None)))
+    return out
+
+
+def test_jsonl_ranges_cover_every_line_once_with_its_line_number(tmp_path):
+    lines = [json.dumps({"id": f"r{i}", "text": f"caption {i}"}) for i in range(700)]
+    lines[5] = ""  # blank lines are not rows
+    lines[9] = "{broken"
+    data = ("\ufeff" + "\n".join(lines)).encode()  # a BOM, and no newline after the last row
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(data)
+    plan = read.plan_input("manifest", str(path))
+    assert len(plan.ranges) > 1
+    got = rows_of(plan)
+    expected = [(f"m.jsonl:{i + 1}", i, f"r{i}") for i in range(700) if i not in (5, 9)]
+    assert [(s, o, i) for s, o, i, _, reason in got if reason is None] == expected
+    assert [(s, reason) for s, _, _, _, reason in got if reason] == [("m.jsonl:10", "malformed_row")]
+
+
+def test_csv_ranges_keep_quoted_newlines_and_line_numbers(tmp_path):
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["id", "text", "label"])
+    for i in range(300):
+        writer.writerow([f"r{i}", f"line one\nline two of {i}" if i % 7 == 0 else f"caption {i}", "a"])
+    path = tmp_path / "m.csv"
+    path.write_text(buf.getvalue(), newline="")
+    plan = read.plan_input("manifest", str(path))
+    assert len(plan.ranges) > 1 and plan.rows == 300
+    reference, reader = [], csv.reader(io.StringIO(buf.getvalue(), newline=""))
+    header = next(reader)
+    for order, values in enumerate(reader):
+        row = parse_record(dict(zip(header, values, strict=True)), f"m.csv:{reader.line_num}", order, str(tmp_path))
+        reference.append((row.source, row.order, row.id, row.text, None))
+    assert rows_of(plan) == reference
+
+
+def test_parquet_ranges_follow_row_groups(tmp_path):
+    table = pa.Table.from_pylist([{"id": f"r{i}", "text": f"caption {i}"} for i in range(250)])
+    path = tmp_path / "m.parquet"
+    pq.write_table(table, path, row_group_size=10)
+    plan = read.plan_input("manifest", str(path))
+    assert plan.rows == 250 and 1 < len(plan.ranges) <= 25
+    assert [(s, o, i) for s, o, i, _, _ in rows_of(plan)] == [(f"m.parquet:{i + 1}", i, f"r{i}") for i in range(250)]
+
+
+@pytest.fixture(scope="module")
+def grown(tmp_path_factory) -> tuple[Path, Path, int]:
+    """A demo corpus as two manifests: its first rows, and all of them (rows appended)."""
+    root = tmp_path_factory.mktemp("grown")
+    write_demo_corpus(root, samples=240, seed=5)
+    lines = [x for x in (root / "manifest.jsonl").read_bytes().splitlines(keepends=True) if x.strip()]
+    (root / "before.jsonl").write_bytes(b"".join(lines[:220]))
+    (root / "after.jsonl").write_bytes(b"".join(lines))
+    return root / "before.jsonl", root / "after.jsonl", len(lines) - 220
+
+
+def counters(err: str) -> dict[str, int]:
+    return {m[1]: int(m[2]) for m in re.finditer(r"^\s+([\w.]+)\s+(\d+)$", err, re.M)}
+
+
+def run(capsys, manifest: Path, out: Path, *extra: str) -> dict[str, int]:
+    capsys.readouterr()
+    assert prepare_main(["--input", str(manifest), "--output", str(out), "--params", str(PARAMS), *extra]) == 0
+    return counters(capsys.readouterr().err)
+
+
+def test_a_rerun_after_adding_rows_processes_only_them_and_writes_the_same_bytes(grown, tmp_path, capsys):
+    before, after, added = grown
+    cache = str(tmp_path / "cache")
+    first = run(capsys, before, tmp_path / "out", "--cache", cache)
+    assert first["process.processed"] > 200 and first.get("process.reused", 0) == 0
+    load_errors = sum(r["stage"] == "load" for r in pq.read_table(tmp_path / "out" / "rejects.parquet").to_pylist())
+    again = run(capsys, after, tmp_path / "out", "--cache", cache)
+    # only the new rows are processed, and rows whose files failed to load (never cached)
+    assert 0 < again["process.processed"] - load_errors <= added
+    assert again["process.reused"] == first["process.processed"] - load_errors
+    scratch = run(capsys, after, tmp_path / "scratch", "--no-cache")
+    assert scratch.get("process.reused", 0) == 0
+    assert digests(tmp_path / "out") == digests(tmp_path / "scratch")
+    assert not (tmp_path / "scratch" / ".mmprep-work").exists()
+
+
+def test_torn_or_corrupt_cache_entries_are_processed_again(grown, tmp_path, capsys):
+    before, _, _ = grown
+    cache = tmp_path / "cache"
+    run(capsys, before, tmp_path / "a", "--cache", str(cache))
+    entries = sorted(p for p in (cache / "rows").rglob("*") if p.is_file())
+    torn, flipped = entries[3], entries[7]
+    torn.write_bytes(torn.read_bytes()[:100])  # what a kill during a write without rename would leave
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    again = run(capsys, before, tmp_path / "b", "--cache", str(cache))
+    load_errors = sum(r["stage"] == "load" for r in pq.read_table(tmp_path / "a" / "rejects.parquet").to_pylist())
+    assert again["process.processed"] == 2 + load_errors
+    assert digests(tmp_path / "b") == digests(tmp_path / "a")
+
+
+def test_changed_params_reuse_nothing_they_affect(grown, tmp_path, capsys):
+    before, _, _ = grown
+    cache = str(tmp_path / "cache")
+    run(capsys, before, tmp_path / "a", "--cache", cache)
+    params = json.loads(json.dumps(__import__("yaml").safe_load(PARAMS.read_text())))
+    params["prepare"]["image"]["size"] = 48
+    (tmp_path / "p.yaml").write_text(json.dumps(params))
+    capsys.readouterr()
+    argv = ["--input", str(before), "--output", str(tmp_path / "b"), "--params", str(tmp_path / "p.yaml"), "--cache", cache]
+    assert prepare_main(argv) == 0
+    assert counters(capsys.readouterr().err).get("process.reused", 0) == 0
+    params["prepare"]["split_salt"] = "another"  # a global param: every row is reused
+    (tmp_path / "p.yaml").write_text(json.dumps(params))
+    assert prepare_main([*argv[:3], str(tmp_path / "c"), *argv[4:]]) == 0
+    load_errors = sum(r["stage"] == "load" for r in pq.read_table(tmp_path / "c" / "rejects.parquet").to_pylist())
+    assert counters(capsys.readouterr().err)["process.processed"] == load_errors
+
+
+def test_progress_is_a_windowed_rate_with_an_eta(tmp_path):
+    w = Window(seconds=30)
+    assert w.add(0.0, 0) is None
+    assert w.add(10.0, 100) == pytest.approx(10)  # start-up: imports, JIT
+    assert w.add(40.0, 1300) == pytest.approx(1200 / 30)  # the last 30 s only
+    assert w.add(70.0, 3100) == pytest.approx(1800 / 30)
+    assert line(2500, 10000, 40.0) == (
+        "[mmprep prepare] processed 2,500/10,000 rows (25%), 40 rows/s over the last 30s, ETA 3m08s"
+    )
+    (tmp_path / "worker-1").write_text("120")
+    (tmp_path / "worker-2").write_text("80")
+    (tmp_path / "worker-3.tmp").write_text("999")  # being replaced: ignored
+    stream = io.StringIO()
+    with Reporter(str(tmp_path), 1000, every=0.05, stream=stream) as reporter:
+        assert reporter.done() == 200
+        import time
+
+        time.sleep(0.3)
+    assert "processed 200/1,000 rows (20%)" in stream.getvalue()
