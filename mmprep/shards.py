@@ -27,11 +27,24 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
+_NPY_OUT: dict[tuple[str, tuple[int, ...]], bytes] = {}
+
+
 def npy_bytes(array: np.ndarray) -> bytes:
-    """Serialize an array as .npy (never pickled)."""
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
+    """Serialize an array as .npy (never pickled): numpy's header for its dtype and shape
+    (made once by np.save, then reused) + the C-order data."""
+    array = np.ascontiguousarray(array)
+    if array.dtype.hasobject:
+        raise ValueError("refusing to store an array of Python objects")
+    sig = (array.dtype.str, array.shape)
+    header = _NPY_OUT.get(sig)
+    if header is None:
+        buf = io.BytesIO()
+        np.save(buf, np.zeros(array.shape, array.dtype), allow_pickle=False)
+        header = buf.getvalue()[: -array.nbytes or None]
+        if len(_NPY_OUT) < 4096:
+            _NPY_OUT[sig] = header
+    return header + array.tobytes()
 
 
 def dumps_json(obj: Any) -> bytes:
@@ -64,15 +77,24 @@ def sample_members(
     return members
 
 
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = MTIME
-    info.mode = 0o444
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.type = tarfile.REGTYPE
-    return info
+def _octal(value: int, width: int) -> bytes:
+    return b"%0*o\0" % (width - 1, value)
+
+
+_HEAD = (_octal(0o444, 8) + _octal(0, 8) + _octal(0, 8), _octal(MTIME, 12))
+_TAIL = b"0" + bytes(100) + b"ustar\x0000" + bytes(32) + bytes(32) + bytes(8) + bytes(8) + bytes(155)
+
+
+def _header(name: str, size: int) -> bytes:
+    """The 512-byte ustar header of a regular member with our fixed fields — byte for byte
+    what `tarfile` writes for it (a test pins that), without its per-field Python work."""
+    raw = name.encode("utf-8")
+    if len(raw) > 100 or size >= 8**11:
+        raise ValueError(f"tar member {name!r} of {size} bytes does not fit a ustar header")
+    block = raw + bytes(100 - len(raw)) + _HEAD[0] + _octal(size, 12) + _HEAD[1] + b"        " + _TAIL
+    block += bytes(512 - len(block))
+    checksum = sum(block)
+    return block[:148] + b"%06o\0 " % checksum + block[156:]
 
 
 class _Hashing:
@@ -93,15 +115,23 @@ class _Hashing:
 
 def write_tar(f, samples: Iterable[tuple[str, dict[str, bytes]]]) -> tuple[str, int]:
     """Stream samples into a tar on the writable file `f`, in the order given (callers pass
-    them sorted by key), members by field, fixed headers; returns (sha256, bytes)."""
+    them sorted by key), members by field, fixed headers; returns (sha256, bytes).
+
+    The same bytes as `tarfile` in ustar format: a header and the data padded to 512 bytes
+    per member, two zero blocks, the whole padded to tarfile's 10240-byte records."""
     sink = _Hashing(f)
-    with tarfile.open(fileobj=sink, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, members in samples:
-            for fld in sorted(members):
-                if fld not in FIELDS:
-                    raise ValueError(f"shard member field {fld!r} is not allowed")
-                data = members[fld]
-                tar.addfile(_tarinfo(f"{key}.{fld}", len(data)), io.BytesIO(data))
+    for key, members in samples:
+        for fld in sorted(members):
+            if fld not in FIELDS:
+                raise ValueError(f"shard member field {fld!r} is not allowed")
+            data = members[fld]
+            sink.write(_header(f"{key}.{fld}", len(data)))
+            sink.write(data)
+            if len(data) % 512:
+                sink.write(bytes(512 - len(data) % 512))
+    sink.write(bytes(1024))
+    if sink.size % 10240:
+        sink.write(bytes(10240 - sink.size % 10240))
     return sink.sha.hexdigest(), sink.size
 
 

@@ -40,6 +40,12 @@ class Moments:
         if columns.shape[1] > 1 << 21 or (columns.size and int(np.abs(columns).max()) > 1 << 41):
             raise ValueError("too many or too large values for exact int64 moments")
         self.count += int(columns.shape[1])
+        if scale == 1 and columns.size and int(columns.max()) < 1 << 16:  # pixels: squares fit int64
+            sums, squares = columns.sum(axis=1), np.einsum("ij,ij->i", columns, columns)
+            for i in range(columns.shape[0]):
+                self.sums[i] += int(sums[i])
+                self.squares[i] += int(squares[i])
+            return
         hi, lo = columns >> 20, columns & ((1 << 20) - 1)
         sums = columns.sum(axis=1)
         hh, hl, ll = (hi * hi).sum(axis=1), (hi * lo).sum(axis=1), (lo * lo).sum(axis=1)

@@ -243,7 +243,17 @@ def load_media(row: RawRow, max_bytes: int) -> dict[str, bytes | str | RecordErr
 
 def _read_bytes(path: str, max_bytes: int) -> bytes | RecordError:
     """`exists` + a bounded read: no glob semantics ("photo [1].jpg" is a name, not a
-    pattern) and a huge file costs at most max_bytes of memory."""
+    pattern) and a huge file costs at most max_bytes of memory. Local paths are opened
+    directly (Beam's FileSystems costs ~100 µs per file there); URIs go through it."""
+    if "://" not in path:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(max_bytes + 1)
+        except FileNotFoundError:
+            return RecordError("missing_file", path)
+        except (OSError, ValueError) as err:
+            return RecordError("unreadable_file", f"{path}: {err}")
+        return _checked(path, data, max_bytes)
     try:
         if not FileSystems.exists(path):
             return RecordError("missing_file", path)
@@ -251,6 +261,10 @@ def _read_bytes(path: str, max_bytes: int) -> bytes | RecordError:
             data = f.read(max_bytes + 1)
     except (OSError, ValueError, beam.io.filesystem.BeamIOError) as err:
         return RecordError("unreadable_file", f"{path}: {err}")
+    return _checked(path, data, max_bytes)
+
+
+def _checked(path: str, data: bytes, max_bytes: int) -> bytes | RecordError:
     if not data:
         return RecordError("empty_file", path)
     if len(data) > max_bytes:

@@ -74,3 +74,32 @@ def test_shards_are_capped_by_samples_and_bytes():
     assert [by_bytes[f"k{i:02d}"] for i in range(4)] == [0, 0, 1, 1]
     huge = assign_shards([("train", "a", 10**9), ("train", "b", 1)], ShardConfig(max_samples=9, max_bytes=2048))
     assert huge == {"a": 0, "b": 1}  # an oversized sample gets a shard of its own, never an empty one
+
+
+def test_our_tar_writer_gives_exactly_tarfiles_bytes():
+    """Shards are streamed with a fixed ustar header; tarfile (the reference) must agree."""
+    from mmprep.shards import MTIME, write_tar
+
+    rng = np.random.default_rng(0)
+    samples = [(f"k{i}-{'x' * (i % 40)}", {"json": rng.bytes(int(rng.integers(0, 3000))), "txt": b"x" * (512 * i % 1500)})
+               for i in range(30)]
+    ours = io.BytesIO()
+    write_tar(ours, samples)
+    ref = io.BytesIO()
+    with tarfile.open(fileobj=ref, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            for fld in sorted(members):
+                info = tarfile.TarInfo(f"{key}.{fld}")
+                info.size, info.mtime, info.mode, info.uid, info.gid = len(members[fld]), MTIME, 0o444, 0, 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(members[fld]))
+    assert ours.getvalue() == ref.getvalue()
+
+
+def test_npy_bytes_are_numpys_own():
+    from mmprep.shards import npy_bytes
+
+    for arr in (np.arange(7, dtype=np.int32), np.zeros((64, 63), np.float16), np.zeros(0, np.int32), np.ones((3, 4), np.float16).T):
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+        assert npy_bytes(arr) == buf.getvalue()

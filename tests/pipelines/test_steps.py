@@ -10,7 +10,7 @@ def test_an_unexpected_error_becomes_a_processing_error_reject(monkeypatch, tmp_
         raise MemoryError("decoder blew up")
 
     monkeypatch.setattr(steps, "process_row", explode)
-    fn = steps.ProcessRangeFn(PrepareConfig(), str(tmp_path / "cache"), reuse=True)
+    fn = steps.ProcessRangeFn(PrepareConfig(), str(tmp_path / "cache"), reuse=True, work=str(tmp_path / "work"))
     fn.setup()
     out = fn.process_row(RawRow(source="m.jsonl:1", order=0, id="x", text="hello"))
     assert isinstance(out, Reject)  # Separate routes it to the rejects by type
