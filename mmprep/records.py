@@ -85,6 +85,9 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict)
     hashes: dict[str, str] = field(default_factory=dict)  # modality -> content hash (exact)
     phash: int | None = None  # 64-bit perceptual hash of the image
+    # per-sample normalization sums by modality ({"image": Moments, "audio": Moments}), filled
+    # when the row is staged so the train statistics need no second decode
+    stats: dict[str, Any] = field(default_factory=dict)
 
     @property
     def content_signature(self) -> str:

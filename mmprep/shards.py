@@ -77,6 +77,14 @@ def sample_members(
     return members
 
 
+def shard_meta(s, split: str, label_id: int | None, tokens: int | None) -> dict[str, Any]:
+    """The `<key>.json` member of a sample (`s`: a records.Sample)."""
+    meta = {**s.meta, "key": s.key, "split": split, "label_id": label_id}
+    if tokens is not None:
+        meta["text"] = {**meta["text"], "tokens": tokens}
+    return meta
+
+
 def _octal(value: int, width: int) -> bytes:
     return b"%0*o\0" % (width - 1, value)
 

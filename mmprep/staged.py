@@ -20,11 +20,14 @@ import struct
 from importlib import metadata
 from typing import Any
 
+import numpy as np
+
 from mmprep.config import PrepareConfig, to_dict
 from mmprep.records import RawRow, Reject, Sample
+from mmprep.stats import Moments
 
-MAGIC = b"mmprep-staged/1\n"
-FORMAT = 1
+MAGIC = b"mmprep-staged/2\n"
+FORMAT = 2
 # libraries whose output bytes a processed row depends on (decoders, resampling, JPEG)
 _LIBRARIES = ("mmprep", "numpy", "opencv-python-headless", "opencv-python", "librosa", "soundfile", "soxr", "scipy")
 _PAYLOADS = ("jpg", "mel", "text")
@@ -74,7 +77,24 @@ def entry_name(context: str, row: RawRow, media: dict[str, str]) -> str:
     return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
-def encode(result: Sample | Reject) -> bytes:
+LABEL_ID_BOUND = 999_999  # label ids are below this (its digits bound a .cls/.json member's size)
+
+
+def summary(s: Sample, max_tokens: int) -> dict[str, Any]:
+    """What the plan step needs of a kept sample besides key/label/text/phash: its exact-
+    duplicate signature, its content links (hash prefixes) and an upper bound of the bytes it
+    will add to a shard (token array and label id at their largest, the longest split name)."""
+    from mmprep.shards import member_bytes, sample_members, shard_meta
+
+    tokens = np.zeros(max_tokens, dtype=np.int32) if s.text is not None else None
+    label_id = LABEL_ID_BOUND if s.label is not None else None
+    meta = shard_meta(s, "train", label_id, max_tokens if s.text is not None else None)
+    members = sample_members(s.key, meta=meta, jpg=s.jpg, mel=s.mel, tokens=tokens, text=s.text, label_id=label_id)
+    links = [[m, s.hashes[name][:16]] for m, name in (("image", "image"), ("audio", "audio"), ("text", "text_link")) if name in s.hashes]
+    return {"signature": s.content_signature[:32], "links": links, "size": member_bytes(members), "max_tokens": max_tokens}
+
+
+def encode(result: Sample | Reject, max_tokens: int) -> bytes:
     """A processed row (kept Sample or Reject) → entry bytes."""
     if isinstance(result, Reject):
         header: dict[str, Any] = {"kind": "reject", "stage": result.stage, "reason": result.reason, "detail": result.detail}
@@ -88,6 +108,7 @@ def encode(result: Sample | Reject) -> bytes:
             "text": result.text.encode("utf-8") if result.text is not None else None,
         }
         meta = {k: v for k, v in result.meta.items() if k != "source"}
+        stats = {m: [v.count, v.sums, v.squares, v.scale] for m, v in sample_stats(result).items()}
         header = {
             "kind": "sample",
             "key": result.key,
@@ -96,6 +117,8 @@ def encode(result: Sample | Reject) -> bytes:
             "hashes": result.hashes,
             "phash": result.phash,
             "sizes": {name: (len(data) if data is not None else None) for name, data in parts.items()},
+            "stats": stats,
+            "summary": summary(result, max_tokens),
         }
         payloads = [parts[name] for name in _PAYLOADS if parts[name] is not None]
     head = json.dumps(header, sort_keys=True, ensure_ascii=True).encode("ascii")
@@ -103,25 +126,47 @@ def encode(result: Sample | Reject) -> bytes:
     return body + hashlib.sha256(body).digest()
 
 
+def _header(data: bytes) -> tuple[dict, int]:
+    if len(data) < len(MAGIC) + 8 + 32 or not data.startswith(MAGIC):
+        raise ValueError("not a staged entry")
+    if hashlib.sha256(memoryview(data)[:-32]).digest() != data[-32:]:
+        raise ValueError("staged entry fails its checksum (torn or corrupted)")
+    (length,) = struct.unpack_from("<Q", data, len(MAGIC))
+    start = len(MAGIC) + 8
+    return json.loads(data[start : start + length]), start + length
+
+
+def peek(data: bytes, sample_id: str, source: str, order: int, max_tokens: int) -> Reject | tuple | None:
+    """A cache hit without decoding the payloads: a Reject, or the fields of the row's light
+    record (key, id, order, source, label, signature, links, phash, text, size) — None when
+    the entry's size bound was made for another text.max_tokens (decode it instead)."""
+    header, offset = _header(data)
+    if header["kind"] == "reject":
+        return Reject(sample_id, source, order, header["stage"], header["reason"], header["detail"])
+    summ = header["summary"]
+    if summ["max_tokens"] != max_tokens:
+        return None
+    sizes = header["sizes"]
+    text = None
+    if sizes["text"] is not None:
+        start = offset + (sizes["jpg"] or 0) + (sizes["mel"] or 0)
+        text = data[start : start + sizes["text"]].decode("utf-8")
+    links = tuple(tuple(link) for link in summ["links"])
+    return (header["key"], sample_id, order, source, header["label"], summ["signature"], links, header["phash"], text, summ["size"])
+
+
 def decode(data: bytes, sample_id: str, source: str, order: int) -> Sample | Reject:
     """Entry bytes → the processed row, with the row's current id, source and order.
 
     Anything malformed or torn raises ValueError (the caller then processes the row again)."""
-    if len(data) < len(MAGIC) + 8 + 32 or not data.startswith(MAGIC):
-        raise ValueError("not a staged entry")
-    body, digest = data[:-32], data[-32:]
-    if hashlib.sha256(body).digest() != digest:
-        raise ValueError("staged entry fails its checksum (torn or corrupted)")
-    (length,) = struct.unpack_from("<Q", body, len(MAGIC))
-    start = len(MAGIC) + 8
-    header = json.loads(body[start : start + length])
+    header, offset = _header(data)
+    body = memoryview(data)[:-32]
     if header["kind"] == "reject":
         return Reject(sample_id, source, order, header["stage"], header["reason"], header["detail"])
-    offset = start + length
     parts: dict[str, bytes | None] = {}
     for name in _PAYLOADS:
         size = header["sizes"][name]
-        parts[name] = None if size is None else body[offset : offset + size]
+        parts[name] = None if size is None else bytes(body[offset : offset + size])
         offset += size or 0
     if offset != len(body):
         raise ValueError("staged entry has a wrong length")
@@ -142,4 +187,20 @@ def decode(data: bytes, sample_id: str, source: str, order: int) -> Sample | Rej
         meta={**header["meta"], "source": source},
         hashes=header["hashes"],
         phash=header["phash"],
+        stats={m: Moments(*v) for m, v in header["stats"].items()},
     )
+
+
+def sample_stats(s: Sample) -> dict[str, Moments]:
+    """The sample's normalization sums: pixels of the stored JPEG as decoded (what training
+    reads), per mel bin over frames."""
+    from mmprep.image import decode_jpg
+
+    stats = {}
+    if s.jpg is not None:
+        stats["image"] = Moments.empty(3)
+        stats["image"].add_image(decode_jpg(s.jpg))
+    if s.mel is not None:
+        stats["audio"] = Moments.empty(int(s.mel.shape[0]))
+        stats["audio"].add_features(s.mel)
+    return stats

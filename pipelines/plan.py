@@ -34,7 +34,6 @@ from mmprep.labels import build_label_map
 from mmprep.records import REASONS, Reject, printable
 from mmprep.shards import shard_indices, shard_name
 from mmprep.split import split_columns
-from pipelines.staging import Store
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -49,7 +48,7 @@ INDEX_SCHEMA = pa.schema(
         ("link_audio", pa.string()),
         ("link_text", pa.string()),
         ("phash", pa.int64()),  # the 64-bit perceptual hash, two's complement
-        ("has_text", pa.bool_()),
+        ("text", pa.string()),
         ("size", pa.int64()),
         ("stage", pa.string()),  # set for a reject
         ("reason", pa.string()),
@@ -104,7 +103,7 @@ def index_row(record) -> dict[str, Any]:
         "signature": record.signature,
         **{column: links.get(modality) for modality, column in _LINKS},
         "phash": _signed(record.phash),
-        "has_text": record.has_text,
+        "text": record.text,
         "size": record.size,
     }
 
@@ -143,8 +142,8 @@ class PlanFn(beam.DoFn):
 
     Emits one (shard name, split) task per shard."""
 
-    def __init__(self, out: str, work: str, store: str, cfg: PrepareConfig) -> None:
-        self.out, self.work, self.store_root, self.cfg = out, work, store, cfg
+    def __init__(self, out: str, work: str, cfg: PrepareConfig) -> None:
+        self.out, self.work, self.cfg = out, work, cfg
 
     def process(self, summaries: list[dict]):
         from pipelines.write import join, put, table_bytes
@@ -207,24 +206,19 @@ class PlanFn(beam.DoFn):
 
     def _tokenizer(self, kept: pa.Table, keys: list[str], splits: list[str]) -> bytes:
         """SentencePiece on a bounded, salted-hash-chosen sample of the train split's texts."""
-        from mmprep import staged
         from mmprep.tokenizer import train_tokenizer
 
         salt, n = self.cfg.split_salt, self.cfg.text.tokenizer_sample
-        has_text, entries = kept["has_text"].to_pylist(), kept["entry"].to_pylist()
-        candidates = (
-            (int.from_bytes(hashlib.sha256(f"{salt}|{k}".encode()).digest()[:8], "big"), e)
-            for k, s, t, e in zip(keys, splits, has_text, entries, strict=True)
-            if s == "train" and t
+        texts = kept["text"].combine_chunks()
+        chosen = heapq.nsmallest(
+            n,
+            (
+                (int.from_bytes(hashlib.sha256(f"{salt}|{k}".encode()).digest()[:8], "big"), i)
+                for i, (k, s) in enumerate(zip(keys, splits, strict=True))
+                if s == "train" and texts[i].is_valid
+            ),
         )
-        store = Store(self.store_root)
-        texts = []
-        for _, entry in heapq.nsmallest(n, candidates):
-            data = store.get(entry)
-            if data is None:
-                raise OSError(f"staged entry {store.path(entry)} vanished during the run; run prepare again")
-            texts.append(staged.decode(data, "", "", 0).text)
-        return train_tokenizer(texts, self.cfg.text)
+        return train_tokenizer([texts[i].as_py() for _, i in chosen], self.cfg.text)
 
 
 def _split(kept: pa.Table, keys: list[str], cfg: PrepareConfig):

@@ -89,7 +89,7 @@ def build(p: beam.Pipeline, plan: Plan, out: str, cfg: PrepareConfig, store: str
         | "Ranges" >> beam.Create(plan.ranges)
         | "Process" >> beam.ParDo(steps.ProcessRangeFn(cfg, store, reuse, work, progress, plan.rows))
         | "IndexParts" >> steps.Gather()
-        | "Plan" >> beam.ParDo(PlanFn(out, work, store, cfg))
+        | "Plan" >> beam.ParDo(PlanFn(out, work, cfg))
         | "SpreadShards" >> beam.Reshuffle()
         | "WriteShards" >> beam.ParDo(WriteShardFn(out, work, store, cfg))
         | "ShardInfos" >> steps.Gather()

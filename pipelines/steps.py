@@ -6,13 +6,11 @@ import hashlib
 from typing import NamedTuple
 
 import apache_beam as beam
-import numpy as np
 from apache_beam.metrics import Metrics
 
 from mmprep.config import PrepareConfig
 from mmprep.process import process_row
 from mmprep.records import RawRow, RecordError, Reject, Sample, reject
-from mmprep.shards import member_bytes, sample_members
 from pipelines.progress import WorkerCount
 from pipelines.read import Range, load_media, read_range
 from pipelines.staging import Store
@@ -49,35 +47,14 @@ class Kept(NamedTuple):
     signature: str  # same iff every modality has the same content (exact duplicates)
     links: tuple[tuple[str, str], ...]  # (modality, content hash prefix) that tie samples to one split
     phash: int | None
-    has_text: bool
+    text: str | None  # the normalized text (≤ text.max_chars): the tokenizer's sample is drawn from these
     size: int  # upper bound of the bytes the sample adds to a shard
 
 
-LABEL_ID_BOUND = 999_999  # label ids are below this (its digits bound a .cls/.json member's size)
-
-
-def shard_meta(s: Sample, split: str, label_id: int | None, tokens: int | None) -> dict:
-    """The `<key>.json` member of a sample."""
-    meta = {**s.meta, "key": s.key, "split": split, "label_id": label_id}
-    if tokens is not None:
-        meta["text"] = {**meta["text"], "tokens": tokens}
-    return meta
-
-
-def size_bound(s: Sample, max_tokens: int) -> int:
-    """Bytes the sample will add to a tar, at most: the token array and the label id at
-    their largest, the split name at its longest."""
-    tokens = np.zeros(max_tokens, dtype=np.int32) if s.text is not None else None
-    label_id = LABEL_ID_BOUND if s.label is not None else None
-    meta = shard_meta(s, "train", label_id, max_tokens if s.text is not None else None)
-    members = sample_members(s.key, meta=meta, jpg=s.jpg, mel=s.mel, tokens=tokens, text=s.text, label_id=label_id)
-    return member_bytes(members)
-
-
-def light(s: Sample, entry: str, max_tokens: int) -> Kept:
-    links = tuple((m, s.hashes[name][:16]) for m, name in (("image", "image"), ("audio", "audio"), ("text", "text_link")) if name in s.hashes)
-    signature = s.content_signature[:32]
-    return Kept(s.key, s.id, s.order, s.source, s.label, entry, signature, links, s.phash, s.text is not None, size_bound(s, max_tokens))
+def light(s: Sample, entry: str, summary: dict) -> Kept:
+    """A kept row's light record, from its sample and `staged.summary`."""
+    links = tuple(tuple(link) for link in summary["links"])
+    return Kept(s.key, s.id, s.order, s.source, s.label, entry, summary["signature"], links, s.phash, s.text, summary["size"])
 
 
 def limit_threads() -> None:
@@ -138,29 +115,31 @@ class ProcessRangeFn(beam.DoFn):
         from mmprep import staged
 
         loaded = load_media(row, self.cfg.max_file_bytes)
-        name = None
-        if not any(isinstance(v, RecordError) for v in loaded.values()):
-            media = {m: hashlib.sha256(v).hexdigest() for m, v in loaded.items() if isinstance(v, bytes)}
-            name = staged.entry_name(self.context, row, media)
-            data = self.store.get(name) if self.reuse else None
-            if data is not None:
-                try:
-                    result = staged.decode(data, row.id, row.source, row.order)
-                except (ValueError, KeyError):
-                    result = None  # torn or foreign: process again, overwrite below
-                if result is not None:
-                    self.reused.inc()
-                    return result if isinstance(result, Reject) else light(result, name, self.cfg.text.max_tokens)
+        # a file that could not be read enters the name as its error: once it is readable
+        # (or another file) the name changes and the row is processed again
+        media = {
+            m: f"error:{v.reason}:{v.detail}" if isinstance(v, RecordError) else hashlib.sha256(v).hexdigest()
+            for m, v in loaded.items()
+            if not isinstance(v, str)
+        }
+        name = staged.entry_name(self.context, row, media)
+        data = self.store.get(name) if self.reuse else None
+        if data is not None:
+            try:
+                found = staged.peek(data, row.id, row.source, row.order, self.cfg.text.max_tokens)
+            except (ValueError, KeyError, TypeError):
+                found = None  # torn or foreign: process again, overwrite below
+            if found is not None:
+                self.reused.inc()
+                return found if isinstance(found, Reject) else Kept(*found[:5], name, *found[5:])
         self.fresh.inc()
         try:
             result = process_row(row, loaded, self.cfg)
         except Exception as err:  # noqa: BLE001 - one exotic file must not stop a million-row job:
             # it becomes a counted, visible reject (and the run fails past max_reject_ratio); not cached
             return reject(row, RecordError("processing_error", f"{type(err).__name__}: {err}"))
-        if name is None:  # a load error (missing file …): nothing to stage, nothing to reuse
-            return result
-        self.store.put(name, staged.encode(result))
-        return result if isinstance(result, Reject) else light(result, name, self.cfg.text.max_tokens)
+        self.store.put(name, staged.encode(result, self.cfg.text.max_tokens))
+        return result if isinstance(result, Reject) else light(result, name, staged.summary(result, self.cfg.text.max_tokens))
 
 
 def read_staged(store: Store, entry: str, sample_id: str, source: str, order: int) -> Sample:

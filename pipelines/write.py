@@ -15,7 +15,6 @@ from importlib import metadata
 from typing import Any
 
 import apache_beam as beam
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
@@ -23,9 +22,9 @@ from apache_beam.metrics import Metrics
 
 from mmprep.config import PrepareConfig, to_dict
 from mmprep.records import Sample
-from mmprep.shards import SPLITS, dumps_json, sample_members, write_tar
+from mmprep.shards import SPLITS, dumps_json, sample_members, shard_meta, write_tar
 from pipelines.staging import Store
-from pipelines.steps import limit_threads, read_staged, shard_meta
+from pipelines.steps import limit_threads, read_staged
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -129,7 +128,6 @@ class WriteShardFn(beam.DoFn):
         self.tokenizer = None
 
     def process(self, task: tuple[str, str]):
-        from mmprep.image import decode_jpg
         from mmprep.stats import Moments
         from mmprep.tokenizer import Tokenizer
         from pipelines.plan import PLAN_SCHEMA, read_table
@@ -140,7 +138,8 @@ class WriteShardFn(beam.DoFn):
         name, split = task
         plan = read_table(join(self.work, "plan", f"{name}.parquet"), PLAN_SCHEMA).to_pylist()
         a = self.cfg.audio
-        image, audio = Moments.empty(3), Moments.empty(a.n_mels if a.feature == "logmel" else a.n_mfcc)
+        empty = {"image": Moments.empty(3), "audio": Moments.empty(a.n_mels if a.feature == "logmel" else a.n_mfcc)}
+        totals = dict(empty)
         rows: list[dict] = []
         labels_seen: Counter = Counter()
         modalities: Counter = Counter()
@@ -156,10 +155,8 @@ class WriteShardFn(beam.DoFn):
                 for m, present in (("image", s.jpg is not None), ("audio", s.mel is not None), ("text", s.text is not None)):
                     modalities[m] += present
                 if split == "train":
-                    if s.jpg is not None:
-                        image.add_image(decode_jpg(s.jpg))
-                    if s.mel is not None:
-                        audio.add_features(np.asarray(s.mel))
+                    totals["image"] = Moments.merge(totals["image"], s.stats.get("image", empty["image"]))
+                    totals["audio"] = Moments.merge(totals["audio"], s.stats.get("audio", empty["audio"]))
                 yield s.key, sample_members(s.key, meta=meta, jpg=s.jpg, mel=s.mel, tokens=tokens, text=s.text, label_id=label_id)
 
         with atomic_stream(join(self.out, name)) as f:
@@ -174,8 +171,8 @@ class WriteShardFn(beam.DoFn):
             "sha256": sha,
             "labels": dict(labels_seen),
             "modalities": dict(modalities),
-            "image_moments": image,
-            "audio_moments": audio,
+            "image_moments": totals["image"],
+            "audio_moments": totals["audio"],
         }
 
 
