@@ -26,8 +26,8 @@ from mmprep.config import PrepareConfig, to_dict
 from mmprep.records import RawRow, Reject, Sample
 from mmprep.stats import Moments
 
-MAGIC = b"mmprep-staged/2\n"
-FORMAT = 2
+MAGIC = b"mmprep-staged/3\n"
+FORMAT = 3
 # libraries whose output bytes a processed row depends on (decoders, resampling, JPEG)
 _LIBRARIES = ("mmprep", "numpy", "opencv-python-headless", "opencv-python", "librosa", "soundfile", "soxr", "scipy")
 _PAYLOADS = ("jpg", "mel", "text")
@@ -94,10 +94,10 @@ def summary(s: Sample, max_tokens: int) -> dict[str, Any]:
     return {"signature": s.content_signature[:32], "links": links, "size": member_bytes(members), "max_tokens": max_tokens}
 
 
-def encode(result: Sample | Reject, max_tokens: int) -> bytes:
-    """A processed row (kept Sample or Reject) → entry bytes."""
+def encode(result: Sample | Reject, name: str, max_tokens: int) -> bytes:
+    """A processed row (kept Sample or Reject) → the bytes of entry `name`."""
     if isinstance(result, Reject):
-        header: dict[str, Any] = {"kind": "reject", "stage": result.stage, "reason": result.reason, "detail": result.detail}
+        header: dict[str, Any] = {"kind": "reject", "name": name, "stage": result.stage, "reason": result.reason, "detail": result.detail}
         payloads: list[bytes] = []
     else:
         from mmprep.shards import npy_bytes
@@ -111,6 +111,7 @@ def encode(result: Sample | Reject, max_tokens: int) -> bytes:
         stats = {m: [v.count, v.sums, v.squares, v.scale] for m, v in sample_stats(result).items()}
         header = {
             "kind": "sample",
+            "name": name,
             "key": result.key,
             "label": result.label,
             "meta": meta,
@@ -136,11 +137,13 @@ def _header(data: bytes) -> tuple[dict, int]:
     return json.loads(data[start : start + length]), start + length
 
 
-def peek(data: bytes, sample_id: str, source: str, order: int, max_tokens: int) -> Reject | tuple | None:
+def peek(data: bytes, name: str, sample_id: str, source: str, order: int, max_tokens: int) -> Reject | tuple | None:
     """A cache hit without decoding the payloads: a Reject, or the fields of the row's light
     record (key, id, order, source, label, signature, links, phash, text, size) — None when
-    the entry's size bound was made for another text.max_tokens (decode it instead)."""
+    the bytes are another entry's or its size bound was made for another text.max_tokens."""
     header, offset = _header(data)
+    if header.get("name") != name:
+        return None
     if header["kind"] == "reject":
         return Reject(sample_id, source, order, header["stage"], header["reason"], header["detail"])
     summ = header["summary"]

@@ -104,7 +104,9 @@ _ONE_THREAD = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NU
 def _clean(out: str) -> None:
     """Leftovers of an earlier (killed) run: the work directory and temporary files."""
     work = join(out, WORK)
-    if FileSystems.exists(work):
+    if FileSystems.get_scheme(work) in (None, "file"):
+        shutil.rmtree(work, ignore_errors=True)  # FileSystems.delete walks it file by file
+    elif FileSystems.exists(work):
         FileSystems.delete([work])
     stale = [m.path for m in FileSystems.match([join(out, "*.tmp-*")])[0].metadata_list]
     if stale:

@@ -1,21 +1,24 @@
-"""Where processed rows wait between processing and the shard writer: a content-addressed
-store of entries (`mmprep.staged`) under a directory Beam's FileSystems can reach.
+"""Where processed rows wait between processing and the shard writer: a store of entries
+(`mmprep.staged`) named by their content, under a directory Beam's FileSystems can reach.
 
 With `--cache DIR` (the default, see `default_cache`) the store outlives the run and a
 rerun reuses every entry whose row and params are unchanged; with `--no-cache` it is a
 private directory inside the output that the run deletes when it finishes.
 
-Writes are atomic (a temporary name, then a rename) and entries carry a checksum, so a
-killed run leaves at worst an orphan temporary file or an entry that fails its check —
-never one a later run trusts wrongly.
+A pack is written before its index (the index atomically: a temporary name, then a rename),
+and every entry carries its name and a checksum, so a killed run leaves at worst a pack
+without an index (never looked at) or entries that fail their check and are processed
+again — never one a later run trusts wrongly.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import uuid
 
+import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 
@@ -27,46 +30,118 @@ def default_cache() -> str:
     return os.path.join(base, "mmprep")
 
 
-def _join(*parts: str) -> str:
+def join(*parts: str) -> str:
+    """Path join for local paths and URIs alike."""
     return FileSystems.join(*parts) if FileSystems.get_scheme(parts[0]) else posixpath.join(*parts)
 
 
 class Store:
-    """Entries by name under `root/rows/<2 hex>/<name>`; local paths use plain file calls."""
+    """Entries in pack files: each processed input range appends its new entries to one
+    `<root>/<context>/<pack>.pack` (one file per range, not per row: creating a file costs
+    ~0.2–0.7 ms on ext4 here, as much as a quarter of processing a row) with a sidecar
+    `<pack>.idx` (names, offsets, lengths) written after it. An entry's *location* is
+    "pack:offset:length".
 
-    def __init__(self, root: str) -> None:
-        self.root = root
+    Lookups by name use a compact index of every `.idx` of this context, loaded on first use:
+    sorted 64-bit name prefixes and their locations (~24 bytes per cached row). A location's
+    bytes are checked by the caller (each entry carries its name and a checksum), so a torn
+    pack or a prefix collision is a miss, never a wrong hit."""
+
+    def __init__(self, root: str, context: str) -> None:
+        self.dir = join(root, f"rows-{context[:16]}")
         self.local = FileSystems.get_scheme(root) in (None, "file")
+        self._index: tuple | None = None
+        self._files: dict[str, object] = {}
 
-    def path(self, name: str) -> str:
-        return _join(self.root, "rows", name[:2], name)
+    # -- writing ------------------------------------------------------------------------
+    def write_pack(self, entries: list[tuple[str, bytes]]) -> dict[str, str]:
+        """Store entries (name, bytes) in one new pack; returns name → location."""
+        if not entries:
+            return {}
+        pack = hashlib.sha256("".join(name for name, _ in entries).encode()).hexdigest()[:24]
+        locations, index, offset = {}, [], 0
+        for name, data in entries:
+            locations[name] = f"{pack}:{offset}:{len(data)}"
+            index.append(f"{name} {offset} {len(data)}")
+            offset += len(data)
+        self._write(join(self.dir, f"{pack}.pack"), b"".join(data for _, data in entries), atomic=False)
+        self._write(join(self.dir, f"{pack}.idx"), ("\n".join(index) + "\n").encode(), atomic=True)
+        return locations
 
-    def get(self, name: str) -> bytes | None:
-        path = self.path(name)
+    def _write(self, path: str, data: bytes, atomic: bool) -> None:
+        if self.local:
+            os.makedirs(self.dir, exist_ok=True)
+            target = f"{path}.tmp-{uuid.uuid4().hex[:12]}" if atomic else path
+            with open(target, "wb") as f:
+                f.write(data)
+            if atomic:
+                os.replace(target, path)
+            return
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+        with FileSystems.create(tmp) as f:
+            f.write(data)
+        FileSystems.rename([tmp], [path])
+
+    # -- reading ------------------------------------------------------------------------
+    def lookup(self, name: str) -> str | None:
+        """The location of a cached entry by name, or None."""
+        if self._index is None:
+            self._index = self._load_index()
+        keys, packs, offsets, lengths, names = self._index
+        key = np.uint64(int(name[:16], 16))
+        i = int(np.searchsorted(keys, key))
+        if i < len(keys) and keys[i] == key:
+            return f"{names[packs[i]]}:{offsets[i]}:{lengths[i]}"
+        return None
+
+    def _load_index(self) -> tuple:
+        pattern = join(self.dir, "*.idx")
         try:
-            if self.local:
-                with open(path, "rb") as f:
-                    return f.read()
+            found = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+        except Exception:  # noqa: BLE001 - no such directory yet: an empty cache
+            found = []
+        keys, packs, offsets, lengths, names = [], [], [], [], []
+        for number, path in enumerate(found):
+            names.append(posixpath.basename(path)[: -len(".idx")])
             with FileSystems.open(path, compression_type="uncompressed") as f:
-                return f.read()
+                for line in f.read().decode().splitlines():
+                    name, offset, length = line.split()
+                    keys.append(int(name[:16], 16))
+                    packs.append(number)
+                    offsets.append(int(offset))
+                    lengths.append(int(length))
+        order = np.argsort(np.array(keys, dtype=np.uint64), kind="stable")
+        return (
+            np.array(keys, dtype=np.uint64)[order],
+            np.array(packs, dtype=np.int32)[order],
+            np.array(offsets, dtype=np.int64)[order],
+            np.array(lengths, dtype=np.int64)[order],
+            names,
+        )
+
+    def get(self, location: str) -> bytes | None:
+        """An entry's bytes by location (None when its pack is gone or too short)."""
+        pack, offset, length = location.rsplit(":", 2)
+        f = self._files.get(pack)
+        try:
+            if f is None:
+                path = join(self.dir, f"{pack}.pack")
+                f = open(path, "rb") if self.local else FileSystems.open(path, compression_type="uncompressed")  # noqa: SIM115
+                if len(self._files) >= 64:
+                    self._files.pop(next(iter(self._files))).close()
+                self._files[pack] = f
+            f.seek(int(offset))
+            data = f.read(int(length))
         except (FileNotFoundError, OSError):
             return None
         except Exception:  # noqa: BLE001 - a remote filesystem's own "not found" error
             return None
+        return data if len(data) == int(length) else None
 
-    def put(self, name: str, data: bytes) -> None:
-        path = self.path(name)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        if self.local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-            return
-        with FileSystems.create(tmp) as f:
-            f.write(data)
-        FileSystems.rename([tmp], [path])
+    def path(self, location: str) -> str:
+        return f"{join(self.dir, location.split(':')[0] + '.pack')} at {location}"
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()

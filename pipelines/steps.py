@@ -1,4 +1,5 @@
-"""Beam DoFns and CombineFns of the prepare pipeline. Each composes pure mmprep functions."""
+"""Row processing in the prepare pipeline: read a range, reuse or process each row, stage it,
+write the range's index part. Each step composes pure mmprep functions."""
 
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ class Gather(beam.PTransform):
 
 
 class Kept(NamedTuple):
-    """What crosses shuffles, combiners and side inputs for a kept row: a few hundred bytes.
-    The heavy payload (JPEG, features, text) waits in the staging store under `entry`."""
+    """A kept row's light record (one index-part row, a few hundred bytes): all the plan step
+    sees of it. The payload (JPEG, features, text) waits in the staging store under `entry`."""
 
     key: str
     id: str
@@ -86,24 +87,26 @@ class ProcessRangeFn(beam.DoFn):
         from mmprep.staged import context_digest
 
         limit_threads()
-        self.store = Store(self.store_root)
         self.context = context_digest(self.cfg)
+        self.store = Store(self.store_root, self.context)
         self.progress = WorkerCount(self.progress_dir, self.total)
 
     def process(self, rng: Range):
         from pipelines.plan import INDEX_SCHEMA, index_row
         from pipelines.write import join, put, table_bytes
 
-        rows = []
+        results, staged = [], []
         for row in read_range(rng):
             self.rows.inc()
-            result = row if isinstance(row, Reject) else self.process_row(row)
+            result = row if isinstance(row, Reject) else self.process_row(row, staged)
             self.progress.add()
             if isinstance(result, Reject):
                 counted(result)
             else:
                 self.kept.inc()
-            rows.append(index_row(result))
+            results.append(result)
+        locations = self.store.write_pack(staged)  # the new entries of this range: one file
+        rows = [index_row(r if isinstance(r, Reject) or ":" in r.entry else r._replace(entry=locations[r.entry])) for r in results]
         part = join(self.work, "index", f"{rng.order:012d}.parquet")
         put(part, table_bytes(rows, INDEX_SCHEMA))
         yield {"part": part, "rows": len(rows)}
@@ -111,7 +114,12 @@ class ProcessRangeFn(beam.DoFn):
     def finish_bundle(self) -> None:
         self.progress.flush()
 
-    def process_row(self, row: RawRow) -> Kept | Reject:
+    def teardown(self) -> None:
+        self.store.close()
+
+    def process_row(self, row: RawRow, staged_rows: list[tuple[str, bytes]]) -> Kept | Reject:
+        """A row's light record (its `entry` a location when reused, else its name, the bytes
+        appended to `staged_rows`) or its Reject."""
         from mmprep import staged
 
         loaded = load_media(row, self.cfg.max_file_bytes)
@@ -123,34 +131,35 @@ class ProcessRangeFn(beam.DoFn):
             if not isinstance(v, str)
         }
         name = staged.entry_name(self.context, row, media)
-        data = self.store.get(name) if self.reuse else None
+        location = self.store.lookup(name) if self.reuse else None
+        data = self.store.get(location) if location else None
         if data is not None:
             try:
-                found = staged.peek(data, row.id, row.source, row.order, self.cfg.text.max_tokens)
+                found = staged.peek(data, name, row.id, row.source, row.order, self.cfg.text.max_tokens)
             except (ValueError, KeyError, TypeError):
-                found = None  # torn or foreign: process again, overwrite below
+                found = None  # torn or corrupted: process again, stage anew below
             if found is not None:
                 self.reused.inc()
-                return found if isinstance(found, Reject) else Kept(*found[:5], name, *found[5:])
+                return found if isinstance(found, Reject) else Kept(*found[:5], location, *found[5:])
         self.fresh.inc()
         try:
             result = process_row(row, loaded, self.cfg)
         except Exception as err:  # noqa: BLE001 - one exotic file must not stop a million-row job:
             # it becomes a counted, visible reject (and the run fails past max_reject_ratio); not cached
             return reject(row, RecordError("processing_error", f"{type(err).__name__}: {err}"))
-        self.store.put(name, staged.encode(result, self.cfg.text.max_tokens))
+        staged_rows.append((name, staged.encode(result, name, self.cfg.text.max_tokens)))
         return result if isinstance(result, Reject) else light(result, name, staged.summary(result, self.cfg.text.max_tokens))
 
 
-def read_staged(store: Store, entry: str, sample_id: str, source: str, order: int) -> Sample:
+def read_staged(store: Store, location: str, sample_id: str, source: str, order: int) -> Sample:
     """A kept row's payload back from the store; a missing entry is a clear error."""
     from mmprep import staged
 
-    data = store.get(entry)
+    data = store.get(location)
     if data is None:
-        raise OSError(f"staged entry {store.path(entry)} of {source} vanished during the run "
+        raise OSError(f"staged row {store.path(location)} of {source} vanished during the run "
                       "(was the cache directory cleared?); run prepare again")
     sample = staged.decode(data, sample_id, source, order)
     if not isinstance(sample, Sample):
-        raise OSError(f"staged entry {store.path(entry)} does not hold a kept sample")
+        raise OSError(f"staged row {store.path(location)} does not hold a kept sample")
     return sample

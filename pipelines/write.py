@@ -23,7 +23,7 @@ from apache_beam.metrics import Metrics
 from mmprep.config import PrepareConfig, to_dict
 from mmprep.records import Sample
 from mmprep.shards import SPLITS, dumps_json, sample_members, shard_meta, write_tar
-from pipelines.staging import Store
+from pipelines.staging import Store, join
 from pipelines.steps import limit_threads, read_staged
 
 MANIFEST_SCHEMA = pa.schema(
@@ -47,10 +47,6 @@ VERSIONED = ("mmprep", "apache-beam", "numpy", "opencv-python-headless", "libros
 
 
 WORK = ".mmprep-work"  # inside the output: parts of the tables (and staging with --no-cache); removed at the end
-
-
-def join(out: str, *names: str) -> str:
-    return FileSystems.join(out, *names) if FileSystems.get_scheme(out) else posixpath.join(out, *names)
 
 
 def is_local(path: str) -> bool:
@@ -123,9 +119,14 @@ class WriteShardFn(beam.DoFn):
         self.written = Metrics.counter("write", "shards")
 
     def setup(self) -> None:
+        from mmprep.staged import context_digest
+
         limit_threads()
-        self.store = Store(self.store_root)
+        self.store = Store(self.store_root, context_digest(self.cfg))
         self.tokenizer = None
+
+    def teardown(self) -> None:
+        self.store.close()
 
     def process(self, task: tuple[str, str]):
         from mmprep.stats import Moments

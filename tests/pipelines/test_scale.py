@@ -116,11 +116,13 @@ def test_torn_or_corrupt_cache_entries_are_processed_again(grown, tmp_path, caps
     before, _, _ = grown
     cache = tmp_path / "cache"
     run(capsys, before, tmp_path / "a", "--cache", str(cache))
-    entries = sorted(p for p in (cache / "rows").rglob("*") if p.is_file())
-    torn, flipped = entries[3], entries[7]
-    torn.write_bytes(torn.read_bytes()[:100])  # what a kill during a write without rename would leave
+    packs = sorted(cache.rglob("*.pack"))
+    torn, flipped = packs[1], packs[3]
+    index = [line.split() for line in torn.with_suffix(".idx").read_text().splitlines()]
+    torn.write_bytes(torn.read_bytes()[: int(index[-1][1]) + 100])  # a kill while writing: the last entry is cut
+    first = [line.split() for line in flipped.with_suffix(".idx").read_text().splitlines()][0]
     data = bytearray(flipped.read_bytes())
-    data[len(data) // 2] ^= 0xFF
+    data[int(first[2]) // 2] ^= 0xFF  # a flipped bit in the pack's first entry
     flipped.write_bytes(bytes(data))
     again = run(capsys, before, tmp_path / "b", "--cache", str(cache))
     assert again["process.processed"] == 2

@@ -12,7 +12,8 @@ def test_an_unexpected_error_becomes_a_processing_error_reject(monkeypatch, tmp_
     monkeypatch.setattr(steps, "process_row", explode)
     fn = steps.ProcessRangeFn(PrepareConfig(), str(tmp_path / "cache"), reuse=True, work=str(tmp_path / "work"))
     fn.setup()
-    out = fn.process_row(RawRow(source="m.jsonl:1", order=0, id="x", text="hello"))
+    staged = []
+    out = fn.process_row(RawRow(source="m.jsonl:1", order=0, id="x", text="hello"), staged)
     assert isinstance(out, Reject)  # Separate routes it to the rejects by type
     assert (out.reason, out.stage, out.detail) == ("processing_error", "process", "MemoryError: decoder blew up")
-    assert not (tmp_path / "cache").exists()  # an unexpected error is never cached: the next run tries again
+    assert staged == []  # an unexpected error is never cached: the next run tries again
