@@ -133,10 +133,7 @@ def write_tar(f, samples: Iterable[tuple[str, dict[str, bytes]]]) -> tuple[str, 
             if fld not in FIELDS:
                 raise ValueError(f"shard member field {fld!r} is not allowed")
             data = members[fld]
-            sink.write(_header(f"{key}.{fld}", len(data)))
-            sink.write(data)
-            if len(data) % 512:
-                sink.write(bytes(512 - len(data) % 512))
+            sink.write(b"".join((_header(f"{key}.{fld}", len(data)), data, bytes(-len(data) % 512))))
     sink.write(bytes(1024))
     if sink.size % 10240:
         sink.write(bytes(10240 - sink.size % 10240))

@@ -94,8 +94,8 @@ def summary(s: Sample, max_tokens: int) -> dict[str, Any]:
     return {"signature": s.content_signature[:32], "links": links, "size": member_bytes(members), "max_tokens": max_tokens}
 
 
-def encode(result: Sample | Reject, name: str, max_tokens: int) -> bytes:
-    """A processed row (kept Sample or Reject) → the bytes of entry `name`."""
+def encode(result: Sample | Reject, name: str, summ: dict[str, Any] | None = None) -> bytes:
+    """A processed row (kept Sample or Reject, with its `summary`) → the bytes of entry `name`."""
     if isinstance(result, Reject):
         header: dict[str, Any] = {"kind": "reject", "name": name, "stage": result.stage, "reason": result.reason, "detail": result.detail}
         payloads: list[bytes] = []
@@ -119,7 +119,7 @@ def encode(result: Sample | Reject, name: str, max_tokens: int) -> bytes:
             "phash": result.phash,
             "sizes": {name: (len(data) if data is not None else None) for name, data in parts.items()},
             "stats": stats,
-            "summary": summary(result, max_tokens),
+            "summary": summ,
         }
         payloads = [parts[name] for name in _PAYLOADS if parts[name] is not None]
     head = json.dumps(header, sort_keys=True, ensure_ascii=True).encode("ascii")

@@ -26,41 +26,41 @@ class Moments:
     def empty(cls, dims: int, scale: int = 1) -> Moments:
         return cls(0, [0] * dims, [0] * dims, scale)
 
-    def _add(self, columns: np.ndarray, scale: int) -> None:
-        """columns: int64 [dims, n] of value*scale (|value*scale| ≤ 2**41); sums exact.
-
-        A square can pass int64, so each value is split as x = hi·2**20 + lo (0 ≤ lo < 2**20)
-        and x² = hi²·2**40 + hi·lo·2**21 + lo²: each part is below 2**42, so its int64 sum over
-        up to 2**21 values is exact; the parts are recombined as Python ints (vectorized — a
-        Python int per value cost ~0.5 ms per mel)."""
+    def _start(self, scale: int, n: int) -> None:
         if self.count == 0 and not any(self.sums):
             self.scale = scale
         elif self.scale != scale:
             raise ValueError("cannot mix image and feature moments")
-        if columns.shape[1] > 1 << 21 or (columns.size and int(np.abs(columns).max()) > 1 << 41):
-            raise ValueError("too many or too large values for exact int64 moments")
-        self.count += int(columns.shape[1])
-        if scale == 1 and columns.size and int(columns.max()) < 1 << 16:  # pixels: squares fit int64
-            sums, squares = columns.sum(axis=1), np.einsum("ij,ij->i", columns, columns)
-            for i in range(columns.shape[0]):
-                self.sums[i] += int(sums[i])
-                self.squares[i] += int(squares[i])
-            return
-        hi, lo = columns >> 20, columns & ((1 << 20) - 1)
-        sums = columns.sum(axis=1)
-        hh, hl, ll = (hi * hi).sum(axis=1), (hi * lo).sum(axis=1), (lo * lo).sum(axis=1)
-        for i in range(columns.shape[0]):
-            self.sums[i] += int(sums[i])
-            self.squares[i] += (int(hh[i]) << 40) + (int(hl[i]) << 21) + int(ll[i])
+        self.count += n
 
     def add_image(self, rgb: np.ndarray) -> None:
-        """uint8 HxWx3 → per-channel moments (reported on the [0, 1] scale)."""
-        self._add(rgb.reshape(-1, rgb.shape[-1]).T.astype(np.int64), 1)
+        """uint8 HxWx3 → per-channel moments (reported on the [0, 1] scale): from each
+        channel's 256-bin histogram, exact and cheap."""
+        pixels = rgb.reshape(-1, rgb.shape[-1])
+        self._start(1, int(pixels.shape[0]))
+        levels = np.arange(256, dtype=np.int64)
+        for i in range(pixels.shape[1]):
+            hist = np.bincount(pixels[:, i], minlength=256).astype(np.int64)
+            self.sums[i] += int(hist @ levels)
+            self.squares[i] += int(hist @ (levels * levels))
 
     def add_features(self, feats: np.ndarray) -> None:
-        """float16 [bins, frames] → per-bin moments over frames."""
-        scaled = feats.astype(np.float64) * F16_SCALE  # exact: float16 → float64 → *2**24
-        self._add(scaled.astype(np.int64), F16_SCALE)
+        """float16 [bins, frames] → per-bin moments over frames.
+
+        Values times 2**24 are exact integers x (|x| < 2**41). A square can pass int64, so x is
+        split as hi·2**20 + lo (0 ≤ lo < 2**20) and x² = hi²·2**40 + hi·lo·2**21 + lo²: each part
+        is below 2**42, so its int64 sum over up to 2**21 frames is exact; the parts are
+        recombined as Python ints per bin (a Python int per value cost ~0.5 ms per mel)."""
+        columns = (feats.astype(np.float64) * F16_SCALE).astype(np.int64)  # exact: float16 → float64 → *2**24
+        if columns.shape[1] > 1 << 21:
+            raise ValueError("too many frames for exact int64 moments")
+        self._start(F16_SCALE, int(columns.shape[1]))
+        hi, lo = columns >> 20, columns & ((1 << 20) - 1)
+        sums = columns.sum(axis=1).tolist()
+        hh, hl, ll = (hi * hi).sum(axis=1).tolist(), (hi * lo).sum(axis=1).tolist(), (lo * lo).sum(axis=1).tolist()
+        for i in range(columns.shape[0]):
+            self.sums[i] += sums[i]
+            self.squares[i] += (hh[i] << 40) + (hl[i] << 21) + ll[i]
 
     @staticmethod
     def merge(a: Moments, b: Moments) -> Moments:

@@ -164,6 +164,7 @@ class PlanFn(beam.DoFn):
         kept = firsts.filter(pc.invert(failed))
         del table, parsed, firsts
         kept, dups = _duplicates(kept, _first_per(kept, "signature"), "signature", "duplicate", "same content as")
+        kept = kept.drop_columns(["signature", "stage", "reason", "detail"])
         rejects += dup_ids + dups
         for reason in ("duplicate_id", "duplicate"):
             Metrics.counter("rejects", reason).inc(sum(r["reason"] == reason for r in rejects))

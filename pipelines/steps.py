@@ -147,8 +147,9 @@ class ProcessRangeFn(beam.DoFn):
         except Exception as err:  # noqa: BLE001 - one exotic file must not stop a million-row job:
             # it becomes a counted, visible reject (and the run fails past max_reject_ratio); not cached
             return reject(row, RecordError("processing_error", f"{type(err).__name__}: {err}"))
-        staged_rows.append((name, staged.encode(result, name, self.cfg.text.max_tokens)))
-        return result if isinstance(result, Reject) else light(result, name, staged.summary(result, self.cfg.text.max_tokens))
+        summ = None if isinstance(result, Reject) else staged.summary(result, self.cfg.text.max_tokens)
+        staged_rows.append((name, staged.encode(result, name, summ)))
+        return result if isinstance(result, Reject) else light(result, name, summ)
 
 
 def read_staged(store: Store, location: str, sample_id: str, source: str, order: int) -> Sample:

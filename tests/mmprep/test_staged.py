@@ -1,0 +1,54 @@
+"""The staged-row format: what the cache stores between processing a row and writing it."""
+
+import cv2
+import numpy as np
+import pytest
+
+from mmprep import staged
+from mmprep.config import PrepareConfig
+from mmprep.process import process_row
+from mmprep.records import RawRow, Reject
+
+
+def png() -> bytes:
+    img = np.full((40, 40, 3), 90, np.uint8)
+    cv2.circle(img, (20, 20), 10, (255, 255, 255), -1)
+    return cv2.imencode(".png", img)[1].tobytes()
+
+
+def _sample():
+    row = RawRow(source="m.jsonl:3", order=2, id="x/1", text="A caption, in words.", label="Cat", image="x.png")
+    return process_row(row, {"image": png(), "text": "A caption, in words."}, PrepareConfig())
+
+
+def test_a_sample_survives_the_round_trip_with_its_current_position():
+    s = _sample()
+    summ = staged.summary(s, 32)
+    data = staged.encode(s, "n1", summ)
+    back = staged.decode(data, s.id, "other.jsonl:9", 8)
+    assert (back.key, back.label, back.jpg, back.text, back.hashes, back.phash) == (s.key, s.label, s.jpg, s.text, s.hashes, s.phash)
+    assert back.source == "other.jsonl:9" and back.order == 8 and back.meta["source"] == "other.jsonl:9"
+    assert back.stats["image"].sums == staged.sample_stats(s)["image"].sums
+    light = staged.peek(data, "n1", s.id, "m.jsonl:3", 2, 32)
+    assert light == (s.key, s.id, 2, "m.jsonl:3", s.label, summ["signature"], tuple(map(tuple, summ["links"])), s.phash, s.text, summ["size"])
+    assert staged.peek(data, "another-name", s.id, "m", 2, 32) is None  # another entry's bytes: a miss
+    assert staged.peek(data, "n1", s.id, "m", 2, 64) is None  # size bound made for another max_tokens
+
+
+def test_a_reject_round_trips():
+    rej = Reject("x", "m.jsonl:1", 0, "image", "image_undecodable", "bad bytes")
+    data = staged.encode(rej, "n2")
+    assert staged.decode(data, "x", "m.jsonl:5", 4) == Reject("x", "m.jsonl:5", 4, "image", "image_undecodable", "bad bytes")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "foreign"])
+def test_damaged_bytes_are_refused(damage):
+    data = bytearray(staged.encode(_sample(), "n3", staged.summary(_sample(), 32)))
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "flip":
+        data[len(data) // 3] ^= 1
+    else:
+        data = bytearray(np.random.default_rng(0).bytes(500))
+    with pytest.raises(ValueError):
+        staged.decode(bytes(data), "x", "s", 0)
