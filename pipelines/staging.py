@@ -43,7 +43,8 @@ class Store:
     "pack:offset:length".
 
     Lookups by name use a compact index of every `.idx` of this context, loaded on first use:
-    sorted 64-bit name prefixes and their locations (~24 bytes per cached row). A location's
+    sorted 64-bit name prefixes and their locations (~24 bytes per cached row), and the
+    content hashes of media files by their stat key (~72 bytes per file). A location's
     bytes are checked by the caller (each entry carries its name and a checksum), so a torn
     pack or a prefix collision is a miss, never a wrong hit."""
 
@@ -54,12 +55,13 @@ class Store:
         self._files: dict[str, object] = {}
 
     # -- writing ------------------------------------------------------------------------
-    def write_pack(self, entries: list[tuple[str, bytes]]) -> dict[str, str]:
-        """Store entries (name, bytes) in one new pack; returns name → location."""
-        if not entries:
+    def write_pack(self, entries: list[tuple[str, bytes]], memo: list[tuple[str, str]] = ()) -> dict[str, str]:
+        """Store entries (name, bytes) in one new pack, and the media hashes learned (stat key,
+        sha256) in its index; returns name → location."""
+        if not entries and not memo:
             return {}
-        pack = hashlib.sha256("".join(name for name, _ in entries).encode()).hexdigest()[:24]
-        locations, index, offset = {}, [], 0
+        pack = hashlib.sha256("".join([name for name, _ in entries] + [k for k, _ in memo]).encode()).hexdigest()[:24]
+        locations, index, offset = {}, [f"m {key} {sha}" for key, sha in memo], 0
         for name, data in entries:
             locations[name] = f"{pack}:{offset}:{len(data)}"
             index.append(f"{name} {offset} {len(data)}")
@@ -83,11 +85,20 @@ class Store:
         FileSystems.rename([tmp], [path])
 
     # -- reading ------------------------------------------------------------------------
+    def media_hash(self, stat_key: str) -> str | None:
+        """The content sha256 remembered for a file's stat key, or None."""
+        if self._index is None:
+            self._index = self._load_index()
+        keys, shas = self._index[5], self._index[6]
+        key = np.uint64(int(stat_key, 16))
+        i = int(np.searchsorted(keys, key))
+        return shas[i].decode() if i < len(keys) and keys[i] == key else None
+
     def lookup(self, name: str) -> str | None:
         """The location of a cached entry by name, or None."""
         if self._index is None:
             self._index = self._load_index()
-        keys, packs, offsets, lengths, names = self._index
+        keys, packs, offsets, lengths, names = self._index[:5]
         key = np.uint64(int(name[:16], 16))
         i = int(np.searchsorted(keys, key))
         if i < len(keys) and keys[i] == key:
@@ -100,23 +111,30 @@ class Store:
             found = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
         except Exception:  # noqa: BLE001 - no such directory yet: an empty cache
             found = []
-        keys, packs, offsets, lengths, names = [], [], [], [], []
+        keys, packs, offsets, lengths, names, stat_keys, shas = [], [], [], [], [], [], []
         for number, path in enumerate(found):
             names.append(posixpath.basename(path)[: -len(".idx")])
             with FileSystems.open(path, compression_type="uncompressed") as f:
                 for line in f.read().decode().splitlines():
-                    name, offset, length = line.split()
-                    keys.append(int(name[:16], 16))
+                    first, second, third = line.split()
+                    if first == "m":
+                        stat_keys.append(int(second, 16))
+                        shas.append(third)
+                        continue
+                    keys.append(int(first[:16], 16))
                     packs.append(number)
-                    offsets.append(int(offset))
-                    lengths.append(int(length))
+                    offsets.append(int(second))
+                    lengths.append(int(third))
         order = np.argsort(np.array(keys, dtype=np.uint64), kind="stable")
+        memo = np.argsort(np.array(stat_keys, dtype=np.uint64), kind="stable")
         return (
             np.array(keys, dtype=np.uint64)[order],
             np.array(packs, dtype=np.int32)[order],
             np.array(offsets, dtype=np.int64)[order],
             np.array(lengths, dtype=np.int64)[order],
             names,
+            np.array(stat_keys, dtype=np.uint64)[memo],
+            np.array(shas, dtype="S64")[memo],
         )
 
     def get(self, location: str) -> bytes | None:

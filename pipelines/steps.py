@@ -4,6 +4,7 @@ write the range's index part. Each step composes pure mmprep functions."""
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import NamedTuple
 
 import apache_beam as beam
@@ -90,12 +91,14 @@ class ProcessRangeFn(beam.DoFn):
         self.context = context_digest(self.cfg)
         self.store = Store(self.store_root, self.context)
         self.progress = WorkerCount(self.progress_dir, self.total)
+        self.memo: list[tuple[str, str]] = []
 
     def process(self, rng: Range):
         from pipelines.plan import INDEX_SCHEMA, index_row
         from pipelines.write import join, put, table_bytes
 
         results, staged = [], []
+        self.memo = []  # (stat key, content sha256) of media files read in this range
         for row in read_range(rng):
             self.rows.inc()
             result = row if isinstance(row, Reject) else self.process_row(row, staged)
@@ -105,7 +108,7 @@ class ProcessRangeFn(beam.DoFn):
             else:
                 self.kept.inc()
             results.append(result)
-        locations = self.store.write_pack(staged)  # the new entries of this range: one file
+        locations = self.store.write_pack(staged, self.memo)  # the new entries of this range: one file
         rows = [index_row(r if isinstance(r, Reject) or ":" in r.entry else r._replace(entry=locations[r.entry])) for r in results]
         part = join(self.work, "index", f"{rng.order:012d}.parquet")
         put(part, table_bytes(rows, INDEX_SCHEMA))
@@ -122,6 +125,16 @@ class ProcessRangeFn(beam.DoFn):
         appended to `staged_rows`) or its Reject."""
         from mmprep import staged
 
+        paths = {m: p for m, p in (("image", row.image), ("audio", row.audio), ("text", row.text_path)) if p is not None}
+        stats = {m: stat_key(p) for m, p in paths.items()}
+        if self.reuse and paths and all(stats.values()):
+            # unchanged files (same path, size, mtime, ctime, inode) have their content hash
+            # remembered: a cached row is then reused without reading its media at all
+            media = {m: self.store.media_hash(k) for m, k in stats.items()}
+            if all(media.values()):
+                found = self.reuse_entry(row, staged.entry_name(self.context, row, media))
+                if found is not None:
+                    return found
         loaded = load_media(row, self.cfg.max_file_bytes)
         # a file that could not be read enters the name as its error: once it is readable
         # (or another file) the name changes and the row is processed again
@@ -130,17 +143,11 @@ class ProcessRangeFn(beam.DoFn):
             for m, v in loaded.items()
             if not isinstance(v, str)
         }
+        self.memo.extend((k, media[m]) for m, k in stats.items() if k and isinstance(loaded.get(m), bytes))
         name = staged.entry_name(self.context, row, media)
-        location = self.store.lookup(name) if self.reuse else None
-        data = self.store.get(location) if location else None
-        if data is not None:
-            try:
-                found = staged.peek(data, name, row.id, row.source, row.order, self.cfg.text.max_tokens)
-            except (ValueError, KeyError, TypeError):
-                found = None  # torn or corrupted: process again, stage anew below
-            if found is not None:
-                self.reused.inc()
-                return found if isinstance(found, Reject) else Kept(*found[:5], location, *found[5:])
+        found = self.reuse_entry(row, name) if self.reuse else None
+        if found is not None:
+            return found
         self.fresh.inc()
         try:
             result = process_row(row, loaded, self.cfg)
@@ -150,6 +157,35 @@ class ProcessRangeFn(beam.DoFn):
         summ = None if isinstance(result, Reject) else staged.summary(result, self.cfg.text.max_tokens)
         staged_rows.append((name, staged.encode(result, name, summ)))
         return result if isinstance(result, Reject) else light(result, name, summ)
+
+    def reuse_entry(self, row: RawRow, name: str) -> Kept | Reject | None:
+        from mmprep import staged
+
+        location = self.store.lookup(name)
+        data = self.store.get(location) if location else None
+        if data is None:
+            return None
+        try:
+            found = staged.peek(data, name, row.id, row.source, row.order, self.cfg.text.max_tokens)
+        except (ValueError, KeyError, TypeError):
+            return None  # torn or corrupted: process again, stage anew
+        if found is None:
+            return None
+        self.reused.inc()
+        return found if isinstance(found, Reject) else Kept(*found[:5], location, *found[5:])
+
+
+def stat_key(path: str) -> str | None:
+    """64 bits of sha256(path, size, mtime, ctime, inode) of a local file (None for a URI or
+    a file that cannot be stat'ed): what git's index uses to tell a file unchanged."""
+    if "://" in path:
+        return None
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    key = f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}"
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 def read_staged(store: Store, location: str, sample_id: str, source: str, order: int) -> Sample:
