@@ -151,20 +151,22 @@ class PlanFn(beam.DoFn):
         cfg = self.cfg
         parts = sorted(s["part"] for s in summaries)
         table = pa.concat_tables([read_table(p, INDEX_SCHEMA) for p in parts]) if parts else INDEX_SCHEMA.empty_table()
-        table = table.sort_by("order")
         input_rows = table.num_rows
-        # rows that could not be parsed have no id to deduplicate on
-        unparsed = pc.and_(pc.is_valid(table["reason"]), pc.equal(table["stage"], "read"))
-        unparsed = pc.fill_null(unparsed, False)
+        # rows that could not be parsed have no id to deduplicate on; every step below keeps
+        # the lowest `order`, so the table needs no sorting (and each step drops its input:
+        # the peak memory of this step is about two copies of the index)
+        unparsed = pc.fill_null(pc.and_(pc.is_valid(table["reason"]), pc.equal(table["stage"], "read")), False)
         rejects = _reject_rows(table.filter(unparsed))
         parsed = table.filter(pc.invert(unparsed))
+        del table, unparsed
         firsts, dup_ids = _duplicates(parsed, _first_per(parsed, "id"), "id", "duplicate_id", "id already used by")
+        del parsed
         failed = pc.is_valid(firsts["reason"])
         rejects += _reject_rows(firsts.filter(failed))
-        kept = firsts.filter(pc.invert(failed))
-        del table, parsed, firsts
+        kept = firsts.filter(pc.invert(failed)).drop_columns(["stage", "reason", "detail"])
+        del firsts, failed
         kept, dups = _duplicates(kept, _first_per(kept, "signature"), "signature", "duplicate", "same content as")
-        kept = kept.drop_columns(["signature", "stage", "reason", "detail"])
+        kept = kept.drop_columns(["signature"])
         rejects += dup_ids + dups
         for reason in ("duplicate_id", "duplicate"):
             Metrics.counter("rejects", reason).inc(sum(r["reason"] == reason for r in rejects))
