@@ -1,10 +1,11 @@
 """The prepare driver: raw corpus → clean, labeled, normalized, split WebDataset shards.
 
-    read → dedup ids → load+decode+clean+normalize+featurize+label → dedup content
-         → label map → leak-free split → tokenizer + stats (train only) → shards → tables → dataset.json
+    plan input ranges (driver) → per range: read, reuse-or-process each row, stage it, index part
+    → plan: dedup ids + content, label map, leak-free split, tokenizer (train only), shards
+    → per shard: stream the staged rows into a tar → tables → dataset.json (last)
 
 Usage (also through `mmprep prepare`): python -m pipelines.prepare --input SRC --output OUT
-[--params params.yaml] [--workers N] [any Beam option, passed through untouched].
+[--params params.yaml] [--workers N] [--cache DIR | --no-cache] [any Beam option, passed through].
 """
 
 from __future__ import annotations

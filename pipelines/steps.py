@@ -24,16 +24,24 @@ def counted(rej: Reject) -> Reject:
 
 
 def _gathered(item: tuple[None, list]) -> list:
-    return sorted(item[1], key=repr)  # a deterministic order whatever the runner delivered
+    # without the seed; in a deterministic order whatever the runner delivered
+    return sorted((x for x in item[1] if x is not None), key=repr)
 
 
 class Gather(beam.PTransform):
-    """All elements of a (small) PCollection as one list: a GroupByKey on one key, so every
-    runner delivers each element exactly once (Beam 2.77's DaskRunner did not, for
-    `combiners.ToList`, see README Limits)."""
+    """All elements of a (small) PCollection as one list, also when it is empty: a GroupByKey
+    on one key (seeded with a None), so every runner delivers each element exactly once (Beam
+    2.77's DaskRunner did not, for `combiners.ToList`, see README Limits)."""
 
     def expand(self, pcoll):
-        return pcoll | "OneKey" >> beam.Map(lambda x: (None, x)) | "Group" >> beam.GroupByKey() | "List" >> beam.Map(_gathered)
+        seed = pcoll.pipeline | "Seed" >> beam.Create([None])
+        return (
+            (pcoll, seed)
+            | "WithSeed" >> beam.Flatten()
+            | "OneKey" >> beam.Map(lambda x: (None, x))
+            | "Group" >> beam.GroupByKey()
+            | "List" >> beam.Map(_gathered)
+        )
 
 
 class Kept(NamedTuple):

@@ -194,3 +194,11 @@ def test_a_changed_media_file_is_processed_again_and_a_touched_one_is_not(tmp_pa
     assert again["process.processed"] == 1
     run(capsys, manifest, tmp_path / "scratch", "--no-cache")
     assert digests(tmp_path / "b") == digests(tmp_path / "scratch")
+
+
+def test_an_empty_manifest_gives_an_empty_dataset(tmp_path):
+    (tmp_path / "m.jsonl").write_text("\n\n")
+    assert prepare_main(["--input", str(tmp_path / "m.jsonl"), "--output", str(tmp_path / "out"), "--no-cache"]) == 0
+    counts = json.loads((tmp_path / "out" / "dataset.json").read_text())["counts"]
+    assert (counts["input_rows"], counts["kept"], counts["rejected"]) == (0, 0, 0)
+    assert pq.read_table(tmp_path / "out" / "manifest.parquet").num_rows == 0
