@@ -114,6 +114,19 @@ def _clean(out: str) -> None:
         FileSystems.delete(stale)
 
 
+def _check_writable(directory: str, flag: str) -> None:
+    """A local staging/cache directory that cannot be written is a one-line error before any
+    work (not a Beam traceback from inside a worker)."""
+    if FileSystems.get_scheme(directory) not in (None, "file"):
+        return
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".probe-"):
+            pass
+    except OSError as err:
+        raise InputError(f"{flag} {directory}: not a writable directory ({err.strerror or err})") from None
+
+
 def run(argv: list[str] | None = None) -> int:
     args, beam_args = parse_args(argv)
     cfg = load_params(args.params).prepare
@@ -128,6 +141,7 @@ def run(argv: list[str] | None = None) -> int:
     _clean(out)
     plan = plan_input(kind, src)
     store = join(out, WORK, "staging") if args.no_cache else (args.cache or default_cache())
+    _check_writable(store, "--no-cache: --output" if args.no_cache else "--cache")
     runner = options.view_as(StandardOptions).runner
     print(
         f"[mmprep prepare] {kind} {src}: {plan.rows:,} rows in {len(plan.ranges)} ranges → {out} (runner {runner}; "

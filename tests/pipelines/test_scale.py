@@ -180,9 +180,9 @@ def test_a_changed_media_file_is_processed_again_and_a_touched_one_is_not(tmp_pa
     run(capsys, manifest, tmp_path / "a", "--cache", cache)
     kept = pq.read_table(tmp_path / "a" / "manifest.parquet").to_pylist()
     by_id = {}
-    for line in manifest.read_bytes().splitlines():
+    for raw in manifest.read_bytes().splitlines():
         try:
-            row = json.loads(line)
+            row = json.loads(raw)
         except ValueError:
             continue  # the demo's malformed rows
         by_id[row.get("id")] = row
@@ -202,3 +202,13 @@ def test_an_empty_manifest_gives_an_empty_dataset(tmp_path):
     counts = json.loads((tmp_path / "out" / "dataset.json").read_text())["counts"]
     assert (counts["input_rows"], counts["kept"], counts["rejected"]) == (0, 0, 0)
     assert pq.read_table(tmp_path / "out" / "manifest.parquet").num_rows == 0
+
+
+def test_an_unwritable_cache_is_a_one_line_error_before_any_work(tmp_path, capsys):
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "text": "hello"}\n')
+    (tmp_path / "file").write_text("not a directory")
+    argv = ["--input", str(tmp_path / "m.jsonl"), "--output", str(tmp_path / "out"), "--cache", str(tmp_path / "file" / "c")]
+    assert prepare_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("mmprep prepare: error: --cache ") and "not a writable directory" in err[-1]
+    assert not (tmp_path / "out" / "dataset.json").exists()
