@@ -20,10 +20,12 @@ from __future__ import annotations
 import hashlib
 import heapq
 import io
+import itertools
 import json
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -131,6 +133,12 @@ def _duplicates(table: pa.Table, mask: pa.Array, column: str, reason: str, detai
     return firsts, rejects
 
 
+def arrow_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
 def read_table(path: str, schema: pa.Schema) -> pa.Table:
     from pipelines.write import read_bytes
 
@@ -189,11 +197,16 @@ class PlanFn(beam.DoFn):
             .append_column("shard", pa.array(names, pa.string()))
         )
         del names, kept
+        plan = plan.sort_by([("shard", "ascending"), ("key", "ascending")])
+        shard = plan["shard"].to_numpy(zero_copy_only=False)
+        starts = [0, *(np.flatnonzero(shard[1:] != shard[:-1]) + 1).tolist(), len(shard)] if len(shard) else []
         tasks = []
-        for name in sorted(pc.unique(plan["shard"]).to_pylist()):
-            rows = plan.filter(pc.equal(plan["shard"], name)).drop_columns(["shard"])  # key order
-            put(join(self.work, "plan", f"{name}.parquet"), table_bytes(rows.to_pylist(), PLAN_SCHEMA))
+        for start, end in itertools.pairwise(starts):
+            name = str(shard[start])
+            rows = plan.slice(start, end - start).drop_columns(["shard"]).cast(PLAN_SCHEMA)  # key order
+            put(join(self.work, "plan", f"{name}.parquet"), arrow_bytes(rows))
             tasks.append((name, name.split("-")[0]))
+        del shard, plan
         summary = {
             "input_rows": input_rows,
             "labels": labels,
