@@ -50,7 +50,7 @@ def resolve_input(src: str) -> tuple[str, str]:
 class Range(NamedTuple):
     """A slice of the input that one worker reads on its own.
 
-    jsonl/csv: bytes [start, stop) holding whole rows; parquet: row group `start`;
+    jsonl/csv: bytes [start, stop) holding whole rows; parquet: row groups [start, stop);
     directory: the stem groups in `rows`. `line` is the 1-based number of the first
     line/row (for `source`), `order` the global input position of the first row."""
 
