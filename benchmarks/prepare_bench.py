@@ -188,18 +188,20 @@ def main() -> None:
         results.update({("big", w): (min(t for t, _ in runs[w]), min(p for _, p in runs[w])) for w in args.workers})
         best_bare = {w: max(bare[w]) for w in args.workers}
 
-        w = max(args.workers)
-        cache = str(tmp / "cache")
-        full_cached, _ = prepare("big", "inc", w, "--cache", cache + "-full")
-        reruns, scratches = [], []
-        for _ in range(args.repeat):  # each rerun starts from the cache the full run left
-            shutil.rmtree(cache, ignore_errors=True)
-            shutil.copytree(cache + "-full", cache)
-            shutil.rmtree(tmp / "inc", ignore_errors=True)
-            reruns.append(prepare("grown", "inc", w, "--cache", cache)[0])
-            scratches.append(prepare("grown", "scratch", w)[0])
-        rerun, scratch = min(reruns), min(scratches)
-        same_inc = digests(tmp / "inc") == digests(tmp / "scratch")
+        incremental: dict[int, tuple[float, float, bool]] = {}
+        for w in args.workers:
+            cache = str(tmp / f"cache-{w}")
+            prepare("big", f"inc-{w}", w, "--cache", cache + "-full")
+            reruns, scratches = [], []
+            for _ in range(args.repeat):  # each rerun starts from the cache the full run left
+                shutil.rmtree(cache, ignore_errors=True)
+                shutil.copytree(cache + "-full", cache)
+                shutil.rmtree(tmp / f"inc-{w}", ignore_errors=True)
+                reruns.append(prepare("grown", f"inc-{w}", w, "--cache", cache)[0])
+                scratches.append(prepare("grown", f"scratch-{w}", w)[0])
+            same = digests(tmp / f"inc-{w}") == digests(tmp / f"scratch-{w}")
+            incremental[w] = (min(reruns), min(scratches), same)
+            print(f"rerun after adding {len(lines) - big} rows, {w} worker(s): {min(reruns):.1f}s vs {min(scratches):.1f}s from scratch", flush=True)
         same_workers = len({tuple(digests(tmp / f"big-{x}").items()) for x in args.workers}) == 1
 
         print("\n| figure | value |\n|---|---|")
@@ -214,8 +216,9 @@ def main() -> None:
         if len(args.workers) > 1:
             lo, hi = min(args.workers), max(args.workers)
             print(f"| throughput {hi} workers ÷ {lo} | {results[('big', lo)][0] / results[('big', hi)][0]:.2f} |")
-        print(f"| full run with cache writes, {big} rows, {w} worker(s) | {full_cached:.1f}s |")
-        print(f"| rerun after adding {len(lines) - big} rows ÷ full run ({w} worker(s)) | {rerun / scratch:.2f} ({rerun:.1f}s / {scratch:.1f}s) |")
+        for w, (rerun, scratch, _) in incremental.items():
+            print(f"| rerun after adding {len(lines) - big} rows ÷ full run, {w} worker(s) | {rerun / scratch:.2f} ({rerun:.1f}s / {scratch:.1f}s) |")
+        same_inc = all(same for _, _, same in incremental.values())
         print(f"| bytes: incremental vs scratch | {'identical' if same_inc else 'DIFFERENT'} |")
         print(f"| bytes: {' vs '.join(map(str, args.workers))} workers | {'identical' if same_workers else 'DIFFERENT'} |")
 
