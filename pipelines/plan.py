@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import io
 import itertools
 import json
 from typing import Any
@@ -28,7 +27,6 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
 from mmprep.config import PrepareConfig
@@ -36,6 +34,7 @@ from mmprep.labels import build_label_map
 from mmprep.records import REASONS, Reject, printable
 from mmprep.shards import shard_indices, shard_name
 from mmprep.split import split_columns
+from pipelines.files import arrow_bytes, join, put, read_table, table_bytes
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -133,18 +132,6 @@ def _duplicates(table: pa.Table, mask: pa.Array, column: str, reason: str, detai
     return firsts, rejects
 
 
-def arrow_bytes(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()
-
-
-def read_table(path: str, schema: pa.Schema) -> pa.Table:
-    from pipelines.write import read_bytes
-
-    return pq.read_table(io.BytesIO(read_bytes(path)), schema=schema)
-
-
 class PlanFn(beam.DoFn):
     """All index parts → rejects.parquet, tokenizer, one plan part per shard, a summary.
 
@@ -154,7 +141,6 @@ class PlanFn(beam.DoFn):
         self.out, self.work, self.cfg = out, work, cfg
 
     def process(self, summaries: list[dict]):
-        from pipelines.write import join, put, table_bytes
 
         cfg = self.cfg
         parts = sorted(s["part"] for s in summaries)

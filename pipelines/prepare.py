@@ -32,11 +32,12 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 
 from mmprep.config import PrepareConfig, load_params
 from pipelines import steps
+from pipelines.files import join
 from pipelines.plan import PlanFn
 from pipelines.progress import Reporter
 from pipelines.read import InputError, Plan, plan_input, resolve_input
 from pipelines.staging import default_cache
-from pipelines.write import WORK, FinalizeFn, WriteShardFn, join
+from pipelines.write import WORK, FinalizeFn, WriteShardFn
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:

@@ -16,10 +16,11 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
-import uuid
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
+
+from pipelines.files import join, put
 
 
 def default_cache() -> str:
@@ -28,11 +29,6 @@ def default_cache() -> str:
         return os.environ["MMPREP_CACHE"]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "mmprep")
-
-
-def join(*parts: str) -> str:
-    """Path join for local paths and URIs alike."""
-    return FileSystems.join(*parts) if FileSystems.get_scheme(parts[0]) else posixpath.join(*parts)
 
 
 class Store:
@@ -66,23 +62,13 @@ class Store:
             locations[name] = f"{pack}:{offset}:{len(data)}"
             index.append(f"{name} {offset} {len(data)}")
             offset += len(data)
-        self._write(join(self.dir, f"{pack}.pack"), b"".join(data for _, data in entries), atomic=False)
-        self._write(join(self.dir, f"{pack}.idx"), ("\n".join(index) + "\n").encode(), atomic=True)
-        return locations
-
-    def _write(self, path: str, data: bytes, atomic: bool) -> None:
+        pack_path = join(self.dir, f"{pack}.pack")  # not atomic: entries are checked on reading
         if self.local:
             os.makedirs(self.dir, exist_ok=True)
-            target = f"{path}.tmp-{uuid.uuid4().hex[:12]}" if atomic else path
-            with open(target, "wb") as f:
-                f.write(data)
-            if atomic:
-                os.replace(target, path)
-            return
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
-        with FileSystems.create(tmp) as f:
-            f.write(data)
-        FileSystems.rename([tmp], [path])
+        with open(pack_path, "wb") if self.local else FileSystems.create(pack_path) as f:  # noqa: SIM115
+            f.write(b"".join(data for _, data in entries))
+        put(join(self.dir, f"{pack}.idx"), ("\n".join(index) + "\n").encode(), durable=False)
+        return locations
 
     # -- reading ------------------------------------------------------------------------
     def media_hash(self, stat_key: str) -> str | None:
@@ -115,16 +101,20 @@ class Store:
         for number, path in enumerate(found):
             names.append(posixpath.basename(path)[: -len(".idx")])
             with FileSystems.open(path, compression_type="uncompressed") as f:
-                for line in f.read().decode().splitlines():
-                    first, second, third = line.split()
+                for line in f.read().decode(errors="replace").splitlines():
+                    try:  # "NAME OFFSET LENGTH" or "m STATKEY SHA256"
+                        first, second, third = line.split()
+                        parsed = (int(second, 16), third) if first == "m" else (int(first[:16], 16), int(second), int(third))
+                    except ValueError:
+                        continue  # a damaged index line: its rows are processed again
                     if first == "m":
-                        stat_keys.append(int(second, 16))
-                        shas.append(third)
-                        continue
-                    keys.append(int(first[:16], 16))
-                    packs.append(number)
-                    offsets.append(int(second))
-                    lengths.append(int(third))
+                        stat_keys.append(parsed[0])
+                        shas.append(parsed[1])
+                    else:
+                        keys.append(parsed[0])
+                        packs.append(number)
+                        offsets.append(parsed[1])
+                        lengths.append(parsed[2])
         order = np.argsort(np.array(keys, dtype=np.uint64), kind="stable")
         memo = np.argsort(np.array(stat_keys, dtype=np.uint64), kind="stable")
         return (

@@ -102,8 +102,8 @@ class ProcessRangeFn(beam.DoFn):
         self.memo: list[tuple[str, str]] = []
 
     def process(self, rng: Range):
+        from pipelines.files import join, put, table_bytes
         from pipelines.plan import INDEX_SCHEMA, index_row
-        from pipelines.write import join, put, table_bytes
 
         results, staged = [], []
         self.memo = []  # (stat key, content sha256) of media files read in this range

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import json
-import os
 import platform
 import posixpath
-import uuid
 from collections import Counter
 from importlib import metadata
 from typing import Any
@@ -23,7 +19,8 @@ from apache_beam.metrics import Metrics
 from mmprep.config import PrepareConfig, to_dict
 from mmprep.records import Sample
 from mmprep.shards import SPLITS, dumps_json, sample_members, shard_meta, write_tar
-from pipelines.staging import Store, join
+from pipelines.files import atomic_stream, join, put, read_bytes, read_table, table_bytes
+from pipelines.staging import Store
 from pipelines.steps import limit_threads, read_staged
 
 MANIFEST_SCHEMA = pa.schema(
@@ -47,48 +44,6 @@ VERSIONED = ("mmprep", "apache-beam", "numpy", "opencv-python-headless", "libros
 
 
 WORK = ".mmprep-work"  # inside the output: parts of the tables (and staging with --no-cache); removed at the end
-
-
-def is_local(path: str) -> bool:
-    return FileSystems.get_scheme(path) in (None, "file")
-
-
-@contextlib.contextmanager
-def atomic_stream(path: str):
-    """A writable file that appears at `path` only when the block completes (local: a temp
-    sibling + rename; other filesystems: create, then rename)."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
-    if is_local(path):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        try:
-            with open(tmp, "wb") as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return
-    with FileSystems.create(tmp) as f:
-        yield f
-    FileSystems.rename([tmp], [path])
-
-
-def put(path: str, data: bytes) -> None:
-    with atomic_stream(path) as f:
-        f.write(data)
-
-
-def read_bytes(path: str) -> bytes:
-    with FileSystems.open(path, compression_type="uncompressed") as f:
-        return f.read()
-
-
-def table_bytes(rows: list[dict[str, Any]], schema: pa.Schema) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf, compression="zstd")
-    return buf.getvalue()
 
 
 def manifest_row(s: Sample, split: str, label_id: int | None, shard: str) -> dict:
@@ -182,7 +137,7 @@ def concat_parts(parts: list[str], schema: pa.Schema, path: str) -> None:
     with atomic_stream(path) as f:
         writer = pq.ParquetWriter(f, schema, compression="zstd")
         for part in parts:
-            writer.write_table(pq.read_table(io.BytesIO(read_bytes(part)), schema=schema))
+            writer.write_table(read_table(part, schema))
         if not parts:
             writer.write_table(schema.empty_table())
         writer.close()
