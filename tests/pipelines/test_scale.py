@@ -212,3 +212,35 @@ def test_an_unwritable_cache_is_a_one_line_error_before_any_work(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("mmprep prepare: error: --cache ") and "not a writable directory" in err[-1]
     assert not (tmp_path / "out" / "dataset.json").exists()
+
+
+def test_a_row_kept_without_its_missing_file_is_processed_again_once_the_file_exists(tmp_path, capsys):
+    """on_bad_modality: drop keeps a row whose image is missing; the cache must not keep
+    serving that image-less sample after the file appears (nor a stale reject of it)."""
+    import numpy as np
+
+    from tests.pipelines.test_hostile import params_with, png, wav
+
+    rng = np.random.default_rng(2)
+    (tmp_path / "a.wav").write_bytes(wav(rng))
+    (tmp_path / "b.wav").write_bytes(wav(rng))
+    lines = [json.dumps({"id": "late", "image": "late.png", "audio": "a.wav", "text": "a caption", "label": "x"}),
+             json.dumps({"id": "ok", "audio": "b.wav", "text": "another caption", "label": "y"})]
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    params = params_with(tmp_path, on_bad_modality="drop")
+    cache = str(tmp_path / "cache")
+
+    def prepared(out: str) -> tuple[dict, dict[str, dict]]:
+        capsys.readouterr()
+        argv = ["--input", str(tmp_path / "m.jsonl"), "--output", str(tmp_path / out), "--params", str(params), "--cache", cache]
+        assert prepare_main(argv) == 0
+        rows = {r["id"]: r for r in pq.read_table(tmp_path / out / "manifest.parquet").to_pylist()}
+        return counters(capsys.readouterr().err), rows
+
+    first, rows = prepared("a")
+    assert (rows["late"]["has_image"], rows["late"]["has_audio"]) == (False, True)
+    again, _ = prepared("b")
+    assert again.get("process.processed", 0) == 0  # the same missing file: reused
+    (tmp_path / "late.png").write_bytes(png(rng))
+    after, rows = prepared("c")
+    assert after["process.processed"] == 1 and rows["late"]["has_image"]
