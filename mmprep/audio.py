@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass
 from typing import Any
@@ -52,12 +53,20 @@ def decode_audio(data: bytes, cfg: AudioConfig) -> tuple[np.ndarray, int, dict[s
     return mono, sr, meta
 
 
+def resample(mono: np.ndarray, sr: int, target: int) -> np.ndarray:
+    """soxr's high-quality resampler, trimmed/padded to ceil(n·target/sr) samples: what
+    `librosa.resample(res_type="soxr_hq")` returns (a test pins it), without importing librosa."""
+    import soxr
+
+    n = int(np.ceil(mono.shape[0] * float(target) / sr))
+    out = soxr.resample(mono, sr, target, quality="soxr_hq")
+    return np.pad(out, (0, n - out.shape[0])) if out.shape[0] < n else out[:n]
+
+
 def prepare_waveform(mono: np.ndarray, sr: int, cfg: AudioConfig) -> np.ndarray:
     """Resample, crop/pad to clip_seconds, normalize loudness."""
-    import librosa
-
     if sr != cfg.sample_rate:
-        mono = librosa.resample(mono, orig_sr=sr, target_sr=cfg.sample_rate, res_type="soxr_hq")
+        mono = resample(mono, sr, cfg.sample_rate).astype(np.float32)
     if cfg.clip_seconds > 0:
         n = int(round(cfg.clip_seconds * cfg.sample_rate))
         if mono.shape[0] > n:
@@ -76,15 +85,58 @@ def prepare_waveform(mono: np.ndarray, sr: int, cfg: AudioConfig) -> np.ndarray:
     return mono.astype(np.float32)
 
 
-def waveform_features(wave: np.ndarray, cfg: AudioConfig) -> np.ndarray:
-    """Log-mel (dB, top 80 dB) or MFCC, float16 [bins, frames]."""
-    import librosa
+@functools.lru_cache(maxsize=8)
+def mel_filters(sr: int, n_fft: int, n_mels: int) -> np.ndarray:
+    """Slaney-style mel filterbank, float32 [n_mels, 1 + n_fft/2], 0 Hz to sr/2: the numbers of
+    `librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels)` (a test pins them)."""
 
-    mel = librosa.feature.melspectrogram(
-        y=wave, sr=cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop_length, n_mels=cfg.n_mels, center=True
-    )
-    logmel = librosa.power_to_db(mel, ref=1.0, top_db=80.0)
-    feats = logmel if cfg.feature == "logmel" else librosa.feature.mfcc(S=logmel, n_mfcc=cfg.n_mfcc)
+    def hz_to_mel(f: np.ndarray) -> np.ndarray:  # linear below 1 kHz, logarithmic above
+        mel = f / (200.0 / 3)
+        above = f >= 1000.0
+        mel[above] = 15.0 + np.log(f[above] / 1000.0) / (np.log(6.4) / 27.0)
+        return mel
+
+    def mel_to_hz(m: np.ndarray) -> np.ndarray:
+        f = m * (200.0 / 3)
+        above = m >= 15.0
+        f[above] = 1000.0 * np.exp((np.log(6.4) / 27.0) * (m[above] - 15.0))
+        return f
+
+    fft_f = np.fft.rfftfreq(n_fft, 1.0 / sr)
+    mel_f = mel_to_hz(np.linspace(*hz_to_mel(np.array([0.0, sr / 2.0])), n_mels + 2))
+    ramps = np.subtract.outer(mel_f, fft_f)
+    fdiff = np.diff(mel_f)
+    lower = -ramps[:-2] / fdiff[:-1, None]
+    upper = ramps[2:] / fdiff[1:, None]
+    weights = np.maximum(0.0, np.minimum(lower, upper)).astype(np.float32)
+    weights *= (2.0 / (mel_f[2:] - mel_f[:-2]))[:, None]  # in float64, stored as float32
+    return weights
+
+
+def waveform_features(wave: np.ndarray, cfg: AudioConfig) -> np.ndarray:
+    """Log-mel (dB, top 80 dB) or MFCC, float16 [bins, frames].
+
+    The numbers of librosa's `melspectrogram` (periodic Hann window, centred frames padded
+    with zeros, power 2) → `power_to_db(ref=1, top_db=80)` → `mfcc(norm="ortho")`, which a
+    test pins; written with numpy because importing librosa's feature modules costs ~2 s per
+    worker process (scipy.signal, numba caches) and it rebuilt the filterbank for every clip."""
+    n_fft, hop = cfg.n_fft, cfg.hop_length
+    padded = np.pad(wave.astype(np.float32, copy=False), n_fft // 2)
+    if padded.shape[0] < n_fft:
+        padded = np.pad(padded, (0, n_fft - padded.shape[0]))
+    frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft)[::hop]
+    window = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n_fft) / n_fft)  # periodic Hann, float64
+    spectrum = np.fft.rfft(frames * window, axis=-1).astype(np.complex64)
+    power = np.abs(spectrum).T ** 2  # [1 + n_fft/2, frames]
+    mel = np.einsum("ft,mf->mt", power, mel_filters(cfg.sample_rate, n_fft, cfg.n_mels), optimize=True)
+    logmel = 10.0 * np.log10(np.maximum(mel, np.float32(1e-10)))
+    logmel = np.maximum(logmel, logmel.max() - np.float32(80.0))
+    if cfg.feature == "logmel":
+        feats = logmel
+    else:
+        import scipy.fft
+
+        feats = scipy.fft.dct(logmel, axis=0, type=2, norm="ortho")[: cfg.n_mfcc]
     return np.nan_to_num(feats, nan=0.0, posinf=0.0, neginf=-80.0).astype(np.float16)
 
 

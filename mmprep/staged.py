@@ -29,7 +29,7 @@ from mmprep.stats import Moments
 MAGIC = b"mmprep-staged/3\n"
 FORMAT = 3
 # libraries whose output bytes a processed row depends on (decoders, resampling, JPEG)
-_LIBRARIES = ("mmprep", "numpy", "opencv-python-headless", "opencv-python", "librosa", "soundfile", "soxr", "scipy")
+_LIBRARIES = ("mmprep", "numpy", "opencv-python-headless", "opencv-python", "soundfile", "soxr", "scipy")
 _PAYLOADS = ("jpg", "mel", "text")
 
 

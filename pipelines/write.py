@@ -40,7 +40,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("text_sha256", pa.string()),
     ]
 )
-VERSIONED = ("mmprep", "apache-beam", "numpy", "opencv-python-headless", "librosa", "soundfile", "sentencepiece", "pyarrow")
+VERSIONED = ("mmprep", "apache-beam", "numpy", "opencv-python-headless", "soundfile", "soxr", "scipy", "sentencepiece", "pyarrow")
 
 
 WORK = ".mmprep-work"  # inside the output: parts of the tables (and staging with --no-cache); removed at the end

@@ -186,6 +186,30 @@ def test_mfcc_option_and_determinism():
     assert process_audio(data, AUD).features.tobytes() == process_audio(data, AUD).features.tobytes()
 
 
+@pytest.mark.parametrize(("sr", "n_fft", "hop", "n_mels"), [(16000, 512, 256, 40), (22050, 2048, 512, 128), (8000, 400, 160, 64)])
+@pytest.mark.parametrize("feature", ["logmel", "mfcc"])
+def test_features_are_librosas_numbers_bit_for_bit(sr, n_fft, hop, n_mels, feature):
+    """Our numpy log-mel/MFCC and soxr resampling give exactly librosa's float16 output (a
+    user comparing with librosa, or moving between mmprep versions, sees the same features)."""
+    import librosa
+
+    from mmprep.audio import mel_filters, resample, waveform_features
+
+    cfg = AudioConfig(sample_rate=sr, n_fft=n_fft, hop_length=hop, n_mels=n_mels, feature=feature, n_mfcc=13)
+    assert np.array_equal(mel_filters(sr, n_fft, n_mels), librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels))
+    rng = np.random.default_rng(sr)
+    for n in (7, n_fft - 1, n_fft + 1, sr, sr + 333):
+        wave = (rng.standard_normal(n) * rng.uniform(1e-3, 1.0)).astype(np.float32)
+        logmel = librosa.power_to_db(
+            librosa.feature.melspectrogram(y=wave, sr=sr, n_fft=n_fft, hop_length=hop, n_mels=n_mels), ref=1.0, top_db=80.0
+        )
+        want = logmel if feature == "logmel" else librosa.feature.mfcc(S=logmel, n_mfcc=13)
+        assert np.array_equal(waveform_features(wave, cfg), want.astype(np.float16)), n
+    for orig in (8000, 11025, 44100, 48000):
+        wave = (rng.standard_normal(orig + 77) * 0.2).astype(np.float32)
+        assert np.array_equal(resample(wave, orig, sr), librosa.resample(wave, orig_sr=orig, target_sr=sr, res_type="soxr_hq"))
+
+
 def test_text_decoding_and_normalization():
     assert decode_text("\ufeffhello".encode()) == "hello"
     with pytest.raises(RecordError, match="text_not_utf8"):
