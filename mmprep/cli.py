@@ -101,6 +101,26 @@ def _inspect(argv: list[str]) -> int:
     return 0
 
 
+def _verify(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mmprep verify",
+        description="Check every shard of a prepared dataset against dataset.json (bytes, sha256, sample count, "
+        "members) and manifest.parquet (keys). Exits 1 naming each problem.",
+    )
+    parser.add_argument("--data", required=True, help="prepared dataset directory or http(s):// URL")
+    args = parser.parse_args(argv)
+    from mmprep.verify import verify
+
+    problems, totals = verify(args.data)
+    for problem in problems:
+        print(f"mmprep verify: {problem}", file=sys.stderr)
+    if problems:
+        print(f"mmprep verify: {len(problems)} problem(s) in {args.data}", file=sys.stderr)
+        return 1
+    print(f"ok: {totals['shards']} shards, {totals['samples']:,} samples, {totals['bytes']:,} bytes match dataset.json → {args.data}")
+    return 0
+
+
 COMMANDS = {
     "demo-corpus": _demo_corpus,
     "prepare": _prepare,
@@ -108,6 +128,7 @@ COMMANDS = {
     "evaluate": _evaluate,
     "predict": _predict,
     "inspect": _inspect,
+    "verify": _verify,
 }
 
 
@@ -123,8 +144,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[argv[0]](argv[1:])
     except (ConfigError, OSError, ValueError, FloatingPointError) as err:  # bad params/input/shards, NaN in training: one line
-        print(f"mmprep {argv[0]}: error: {err}", file=sys.stderr)
+        print(f"mmprep {argv[0]}: error: {one_line(err)}", file=sys.stderr)
         return 2
+
+
+def one_line(err: BaseException) -> str:
+    """An error's message as one line. A DataLoader worker's error arrives re-raised with the
+    worker's whole traceback in its message; its last line is what went wrong."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        name, sep, message = last.partition(": ")
+        text = message if sep and "." in name and " " not in name else last
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 if __name__ == "__main__":

@@ -80,6 +80,20 @@ def _jpeg(d: bytes) -> tuple[int, int]:
     raise ValueError("no JPEG frame header")
 
 
+def _jpeg_components(d: bytes) -> int:
+    """Colour components in the JPEG frame header (1 grey, 3 YCbCr, 4 CMYK)."""
+    i = 2
+    while i + 9 < len(d) and d[i] == 0xFF:
+        marker = d[i + 1]
+        if marker == 0xFF or marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 1 if marker == 0xFF else 2
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return d[i + 9]
+        i += 2 + struct.unpack(">H", d[i + 2 : i + 4])[0]
+    return 3
+
+
 _SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "png", _png),
     (b"\xff\xd8\xff", "jpeg", _jpeg),
@@ -101,8 +115,8 @@ def read_image_size(data: bytes) -> tuple[str, int, int]:
         raise RecordError("image_undecodable", f"unsupported format or not an image (starts with {data[:8]!r})")
     try:
         width, height = parser(data)
-    except (ValueError, struct.error) as err:
-        raise RecordError("image_undecodable", f"{fmt}: unreadable header ({err})") from None
+    except (ValueError, IndexError, struct.error) as err:
+        raise RecordError("image_undecodable", f"{fmt}: unreadable header ({err or type(err).__name__})") from None
     if width <= 0 or height <= 0:
         raise RecordError("image_undecodable", f"{fmt}: header declares {width}x{height}")
     return fmt, width, height
@@ -116,6 +130,72 @@ def _complete(fmt: str, data: bytes) -> bool:
         sos = data.rfind(b"\xff\xda")
         return sos > 0 and data.find(b"\xff\xd9", sos) > 0
     return True
+
+
+def _png_exif(data: bytes) -> bytes | None:
+    """Walk a PNG's chunks (lengths checked against the file before any decoder trusts them:
+    a chunk declaring a gigabyte must not make libpng allocate it); returns its eXIf payload."""
+    pos, exif = 8, None
+    while pos + 12 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        if length > len(data) - pos - 12:
+            raise RecordError("image_undecodable", f"png: chunk {kind!r} declares {length} bytes past the end of the file")
+        if kind == b"eXIf":
+            exif = data[pos + 8 : pos + 8 + length]
+        if kind == b"IEND":
+            return exif
+        pos += 12 + length
+    raise RecordError("image_undecodable", "png: truncated file")
+
+
+def _webp_exif(data: bytes) -> bytes | None:
+    pos = 12
+    while pos + 8 <= len(data):
+        kind, length = data[pos : pos + 4], struct.unpack("<I", data[pos + 4 : pos + 8])[0]
+        if kind == b"EXIF":
+            return data[pos + 8 : pos + 8 + length]
+        pos += 8 + length + (length & 1)
+    return None
+
+
+def exif_orientation(exif: bytes | None) -> int:
+    """The Orientation tag (1-8) of a TIFF-structured EXIF block ("Exif\\0\\0" prefix
+    allowed), 1 when absent or unreadable."""
+    if not exif:
+        return 1
+    tiff = exif[6:] if exif.startswith(b"Exif\0\0") else exif
+    try:
+        order = {b"II": "<", b"MM": ">"}[tiff[:2]]
+        (ifd,) = struct.unpack(order + "I", tiff[4:8])
+        (count,) = struct.unpack(order + "H", tiff[ifd : ifd + 2])
+        for i in range(min(count, 512)):
+            entry = tiff[ifd + 2 + 12 * i : ifd + 14 + 12 * i]
+            tag, kind = struct.unpack(order + "HH", entry[:4])
+            if tag == 0x0112 and kind == 3:
+                value = struct.unpack(order + "H", entry[8:10])[0]
+                return value if 1 <= value <= 8 else 1
+    except (KeyError, struct.error):
+        return 1
+    return 1
+
+
+def orient(img: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation (what a camera or phone recorded) to decoded pixels."""
+    if orientation == 2:
+        img = cv2.flip(img, 1)
+    elif orientation == 3:
+        img = cv2.rotate(img, cv2.ROTATE_180)
+    elif orientation == 4:
+        img = cv2.flip(img, 0)
+    elif orientation == 5:
+        img = cv2.transpose(img)
+    elif orientation == 6:
+        img = cv2.rotate(img, cv2.ROTATE_90_CLOCKWISE)
+    elif orientation == 7:
+        img = cv2.flip(cv2.transpose(img), -1)
+    elif orientation == 8:
+        img = cv2.rotate(img, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    return img
 
 
 def _to_rgb(img: np.ndarray) -> np.ndarray:
@@ -140,24 +220,26 @@ def decode_image(data: bytes, cfg: ImageConfig) -> tuple[np.ndarray, dict[str, A
         raise RecordError("image_too_large", f"{width}x{height} exceeds max_pixels={cfg.max_pixels}")
     if not _complete(fmt, data):
         raise RecordError("image_undecodable", f"{fmt}: truncated file")
+    exif = _png_exif(data) if fmt == "png" else _webp_exif(data) if fmt == "webp" else None
     buf = np.frombuffer(data, np.uint8)
-    try:
-        raw = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-        has_alpha = raw is not None and raw.ndim == 3 and raw.shape[2] == 4
-        # IMREAD_COLOR applies EXIF orientation; UNCHANGED keeps alpha/16-bit (PNG/WebP/GIF rarely carry EXIF).
-        img = raw if has_alpha or (raw is not None and raw.dtype != np.uint8) else cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    try:  # decoded once: JPEG as colour (OpenCV applies its EXIF orientation and converts CMYK),
+        # the rest unchanged (alpha and 16-bit kept), oriented here from their eXIf/EXIF chunk
+        img = cv2.imdecode(buf, cv2.IMREAD_COLOR if fmt == "jpeg" else cv2.IMREAD_UNCHANGED)
     except cv2.error as err:
         raise RecordError("image_undecodable", f"{fmt}: {str(err).strip().splitlines()[-1]}") from None
     if img is None or img.size == 0:
         raise RecordError("image_undecodable", f"{fmt}: OpenCV could not decode it")
-    channels = 1 if raw is None or raw.ndim == 2 else raw.shape[2]
+    channels = _jpeg_components(data) if fmt == "jpeg" else 1 if img.ndim == 2 else img.shape[2]
+    depth = 16 if img.dtype == np.uint16 else 8
+    if fmt != "jpeg":
+        img = orient(img, exif_orientation(exif))
     rgb = _to_rgb(img)
     h, w = rgb.shape[:2]
     if min(h, w) < cfg.min_side:
         raise RecordError("image_too_small", f"{w}x{h}, shorter side below min_side={cfg.min_side}")
     if max(h, w) / min(h, w) > cfg.max_aspect:
         raise RecordError("image_bad_aspect", f"{w}x{h} beyond max_aspect={cfg.max_aspect}")
-    meta = {"format": fmt, "width": int(w), "height": int(h), "channels": int(channels), "bit_depth": 16 if raw is not None and raw.dtype == np.uint16 else 8}
+    meta = {"format": fmt, "width": int(w), "height": int(h), "channels": int(channels), "bit_depth": depth}
     return rgb, meta
 
 

@@ -139,9 +139,19 @@ def reject(row: RawRow | Sample, error: RecordError, duplicate_of: str | None = 
         order=row.order,
         stage=REASONS[error.reason][0],
         reason=error.reason,
-        detail=error.detail,
+        detail=stable_detail(error.detail),
         duplicate_of=duplicate_of,
     )
+
+
+_ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{6,16}\b")
+
+
+def stable_detail(detail: str) -> str:
+    """A reject's detail without what differs between identical runs (object addresses in a
+    library's message), and bounded (a message quoting a whole field stays readable)."""
+    detail = printable(_ADDRESS.sub("0x…", detail)) or ""
+    return detail if len(detail) <= 500 else detail[:497] + "..."
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")

@@ -194,11 +194,12 @@ def iter_shard(path_or_file) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield (key, {field: bytes}) from a shard, refusing anything not in FIELDS.
 
     A pickle member or a path with '/' or '..' is an error, never executed or followed.
+    A file object is read as a stream (no seeking: a socket or pipe will do).
     """
     if isinstance(path_or_file, str | os.PathLike):
         opened = tarfile.open(path_or_file, mode="r:")
     else:
-        opened = tarfile.open(fileobj=path_or_file, mode="r:")
+        opened = tarfile.open(fileobj=path_or_file, mode="r|")
     with opened as tar:
         current: str | None = None
         members: dict[str, bytes] = {}

@@ -4,11 +4,28 @@ from __future__ import annotations
 
 import hashlib
 import html
+import re
 import unicodedata
 
 from mmprep.records import RecordError
 
-_DROP = {"Cc", "Cf", "Co", "Cs", "Cn"}
+# Invisible characters dropped from text, as fixed code point ranges (not Unicode categories,
+# which differ between Python versions' tables): controls, surrogates, private use,
+# noncharacters, and format characters that only steer layout (soft hyphen, zero-width space,
+# bidi marks/embeddings/isolates, word joiner, byte order mark, ...). Kept on purpose: ZWJ and
+# ZWNJ (emoji sequences like 👩‍💻, Persian/Indic spelling), variation selectors, combining
+# keycaps, tag characters (subdivision flags), and code points this Python does not know yet
+# (new emoji), so what is kept does not depend on the Python version.
+_DROP_RANGES = (
+    (0x0000, 0x001F), (0x007F, 0x009F), (0x00AD, 0x00AD), (0x061C, 0x061C), (0x180E, 0x180E),
+    (0x200B, 0x200B), (0x200E, 0x200F), (0x202A, 0x202E), (0x2060, 0x2064), (0x2066, 0x206F),
+    (0xD800, 0xDFFF), (0xE000, 0xF8FF), (0xFDD0, 0xFDEF), (0xFEFF, 0xFEFF), (0xFFF9, 0xFFFB),
+    (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A), (0xE0001, 0xE0001), (0xF0000, 0x10FFFF),
+)
+_DROP_RE = re.compile("[" + "".join(f"\\U{lo:08x}-\\U{hi:08x}" for lo, hi in _DROP_RANGES) + "]")
+_NONCHAR_RE = re.compile("[\\ufffe\\uffff" + "".join(f"\\U{p:04x}fffe\\U{p:04x}ffff" for p in range(1, 16)) + "]")
+_SPACE_RE = re.compile(r"\s+")
+RAW_FACTOR = 8  # text is cut at RAW_FACTOR·max_chars characters before normalization (bounded work)
 
 
 def decode_text(value: str | bytes) -> str:
@@ -26,16 +43,23 @@ def decode_text(value: str | bytes) -> str:
 
 
 def normalize_text(text: str, max_chars: int) -> tuple[str, bool]:
-    """HTML entities unescaped, NFKC, control/format characters dropped, whitespace collapsed;
-    truncated (never rejected) past max_chars. Returns (text, truncated)."""
+    """HTML entities unescaped, NFKC, invisible layout characters dropped (`_DROP_RANGES`),
+    whitespace collapsed; truncated (never rejected) past max_chars. Returns (text, truncated).
+
+    Work is bounded: only the first RAW_FACTOR·max_chars characters are normalized (NFKC and
+    entities change a text's length by a small factor, so a 10 MB caption costs no more
+    than a long one)."""
+    cut = len(text) > RAW_FACTOR * max_chars + 64
+    if cut:
+        text = text[: RAW_FACTOR * max_chars + 64]
     text = unicodedata.normalize("NFKC", html.unescape(text))
-    kept = [" " if ch.isspace() else ch for ch in text if ch.isspace() or unicodedata.category(ch) not in _DROP]
-    text = " ".join("".join(kept).split())
-    if not text:
+    text = _NONCHAR_RE.sub("", _DROP_RE.sub("", _SPACE_RE.sub(" ", text)))  # whitespace controls become spaces first
+    text = _SPACE_RE.sub(" ", text).strip()
+    if not text.strip("\u200c\u200d\ufe0e\ufe0f"):
         raise RecordError("text_empty", "empty after normalization")
     if len(text) > max_chars:
         return text[:max_chars].rstrip(), True
-    return text, False
+    return text, cut
 
 
 def text_link_key(text: str) -> str:

@@ -20,6 +20,7 @@ os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 import argparse  # noqa: E402
 import json
 import logging
+import re
 import shutil
 import sys
 import tempfile
@@ -128,12 +129,16 @@ def _check_writable(directory: str, flag: str) -> None:
         raise InputError(f"{flag} {directory}: not a writable directory ({err.strerror or err})") from None
 
 
+DONE_NOTE = "the output has no dataset.json; run again once fixed"
+
+
 def run(argv: list[str] | None = None) -> int:
     args, beam_args = parse_args(argv)
     cfg = load_params(args.params).prepare
     kind, src = resolve_input(args.input)
     out = args.output.rstrip("/")
     options = pipeline_options(beam_args, args.workers)
+    _check_writable(out, "--output")
     if not FileSystems.exists(out):
         FileSystems.mkdirs(out)
     done = join(out, "dataset.json")
@@ -156,11 +161,34 @@ def run(argv: list[str] | None = None) -> int:
     try:
         with Reporter(progress, plan.rows), beam.Pipeline(options=options) as p:
             build(p, plan, out, cfg, store, not args.no_cache, progress)
+    except Exception as err:  # noqa: BLE001 - a worker's failure (disk full, output gone): one line, not Beam's traceback
+        raise RunError(root_cause(err)) from err
     finally:
         shutil.rmtree(progress, ignore_errors=True)
     result = p.result
     _clean(out)
     return report(out, cfg, result, time.monotonic() - started)
+
+
+class RunError(RuntimeError):
+    """The pipeline failed in a worker (not a bad row: those are rejects)."""
+
+
+_ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$")
+
+
+def root_cause(err: BaseException) -> str:
+    """One line for a failed run: the innermost "SomeError: message" in what the runner
+    reports (a worker's exception arrives with its traceback and Beam's step names), with
+    the step it happened in when Beam names one."""
+    while err.__cause__ is not None and not isinstance(err, OSError):
+        err = err.__cause__
+    text = str(err)
+    found = [m for m in (_ERROR_LINE.match(line.strip()) for line in text.splitlines()) if m]
+    message = f"{found[-1].group(1)}: {found[-1].group(2)}" if found else f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+    message = re.sub(r" \[while running '[^']*'\]", "", message)
+    step = re.search(r"\[while running '([^']+)'\]", text)
+    return f"{message}" + (f" (in step {step.group(1).split('/')[0]})" if step else "")
 
 
 def report(out: str, cfg: PrepareConfig, result, seconds: float) -> int:
@@ -205,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, ValueError, OSError) as err:
         print(f"mmprep prepare: error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
+    except RunError as err:
+        print(f"mmprep prepare: error: {err} (nothing was published: {DONE_NOTE})", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import posixpath
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -14,6 +12,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from mmprep.manifest import (
     MANIFEST_SUFFIXES,
+    csv_records,
     directory_row,
     group_directory,
     parse_jsonl_line,
@@ -128,46 +127,49 @@ def _plan_jsonl(path: str, per: int) -> Plan:
     return Plan(ranges, lines + (last not in (b"", b"\n")))
 
 
-def _lines(f, counter: list[int]) -> Iterator[str]:
-    """Decoded lines of a binary file, counting the bytes handed out (csv.reader pulls
-    exactly the lines of one record, so after a record the count is its end offset)."""
-    for raw in f:
-        counter[0] += len(raw)
-        yield raw.decode("utf-8", errors="surrogateescape")
+def _csv_start(f) -> int:
+    """Where a CSV's first record starts: after a UTF-8 byte order mark, if any."""
+    return 3 if f.read(3) == b"\xef\xbb\xbf" else 0
 
 
 def _plan_csv(path: str, per: int) -> Plan:
+    """Ranges at record boundaries (`csv_records`: quoted newlines kept together, an
+    unclosed quote costs one line); the header is checked before any work."""
     ranges: list[Range] = []
-    consumed = [0]
     with _open(path) as f:
-        lines = _lines(f, consumed)
-        reader = csv.reader(_strip_bom(lines), strict=False)
-        header = next(reader, None)
+        offset = _csv_start(f)
+        f.seek(offset)
+        records = csv_records(f)
+        header, header_lines, size, _ = next(records, (None, 0, 0, ""))
         if not header:
             return Plan([], 0)
-        start, line, first, count = consumed[0], reader.line_num + 1, 0, 0
-        for _ in reader:
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:
+            raise InputError(f"--input {path}: column {repeated[0]!r} appears more than once in the header")
+        offset += size
+        start, line, first, count, lines = offset, header_lines + 1, 0, 0, header_lines
+        for fields, used, size, _ in records:
+            offset, lines = offset + size, lines + used
+            if fields == []:
+                continue  # a blank line: no row
             count += 1
             if count % per == 0:
-                ranges.append(Range("csv", path, start, consumed[0], line, first, tuple(header)))
-                start, line, first = consumed[0], reader.line_num + 1, count
-        if consumed[0] > start:
-            ranges.append(Range("csv", path, start, consumed[0], line, first, tuple(header)))
+                ranges.append(Range("csv", path, start, offset, line, first, tuple(header)))
+                start, line, first = offset, lines + 1, count
+        if offset > start:
+            ranges.append(Range("csv", path, start, offset, line, first, tuple(header)))
     return Plan(ranges, count)
-
-
-def _strip_bom(lines: Iterator[str]) -> Iterator[str]:
-    first = next(lines, None)
-    if first is not None:
-        yield first.removeprefix("\ufeff")
-        yield from lines
 
 
 def _plan_parquet(path: str) -> Plan:
     import pyarrow.parquet as pq
 
     with _open(path) as f:
-        meta = pq.ParquetFile(f).metadata
+        parquet = pq.ParquetFile(f)
+        meta, names = parquet.metadata, parquet.schema_arrow.names
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InputError(f"--input {path}: column {repeated[0]!r} appears more than once")
     ranges, row = [], 0
     for group in range(meta.num_row_groups):
         n = meta.row_group(group).num_rows
@@ -197,25 +199,38 @@ def read_range(rng: Range) -> Iterator[RawRow | Reject]:
     if rng.kind == "parquet":
         yield from _read_parquet(rng, name, base)
         return
-    with _open(rng.path) as f:
-        f.seek(rng.start)
-        data = f.read(rng.stop - rng.start)
     if rng.kind == "jsonl":
+        with _open(rng.path) as f:
+            f.seek(rng.start)
+            data = f.read(rng.stop - rng.start)
         if rng.start == 0:
             data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark is not part of row 1
         for i, line in enumerate(data.split(b"\n")):  # "\n" only: the line numbers editors show
             if line.strip():
                 yield parse_jsonl_line(line, f"{name}:{rng.line + i}", rng.order + i, base)
         return
-    consumed = [0]
-    reader = csv.reader(_lines(io.BytesIO(data), consumed), strict=False)
-    header = list(rng.rows)
-    for i, values in enumerate(reader):
-        source, order = f"{name}:{rng.line + reader.line_num - 1}", rng.order + i
-        if len(values) != len(header):
-            yield read_reject(source, order, "malformed_row", f"expected {len(header)} fields, got {len(values)}")
-            continue
-        yield parse_record(dict(zip(header, values, strict=True)), source, order, base)
+    yield from _read_csv(rng, name, base)
+
+
+def _read_csv(rng: Range, name: str, base: str) -> Iterator[RawRow | Reject]:
+    header, offset, line, order = list(rng.rows), rng.start, rng.line, rng.order
+    with _open(rng.path) as f:
+        f.seek(rng.start)
+        # the file from the range on: a record's look-ahead may pass the range's end
+        for fields, used, size, problem in csv_records(f, len(header)):
+            if offset >= rng.stop:
+                return
+            source = f"{name}:{line}"
+            offset, line = offset + size, line + used
+            if fields == []:
+                continue
+            if fields is None:
+                yield read_reject(source, order, "malformed_row", problem)
+            elif len(fields) != len(header):
+                yield read_reject(source, order, "malformed_row", f"expected {len(header)} fields, got {len(fields)}")
+            else:
+                yield parse_record(dict(zip(header, fields, strict=True)), source, order, base)
+            order += 1
 
 
 def _read_parquet(rng: Range, name: str, base: str) -> Iterator[RawRow | Reject]:

@@ -7,6 +7,7 @@ yields the same number of batches (no hang on uneven shards).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -170,8 +171,10 @@ def read_shards(urls: list[str], index: dict[str, dict] | None = None) -> Iterat
 
     Shards are opened with webdataset's gopen (local paths, file:, http(s):, pipe:) and
     grouped into samples by webdataset's key rules. `index` is dataset.json's "shards"
-    table: a local shard whose size differs, or any shard that yields a different number
-    of samples than recorded, raises ShardError."""
+    table: a local shard whose size differs, any shard that yields a different number of
+    samples than recorded, or whose bytes (read to the end as they stream by) do not have
+    the recorded sha256, raises ShardError naming it — a flipped byte in a label is an
+    error, not a silently wrong sample."""
     for url in urls:
         info = (index or {}).get(url.rsplit("/", 1)[-1])
         if info and not is_remote(url) and os.path.exists(url) and os.path.getsize(url) != info["bytes"]:
@@ -182,16 +185,36 @@ def read_shards(urls: list[str], index: dict[str, dict] | None = None) -> Iterat
         except Exception as err:
             raise ShardError(f"{url}: cannot open shard ({type(err).__name__}: {err})") from err
         with stream:
+            hashed = _Hashed(stream)
             try:
-                for raw in group_by_keys(tar_members(stream, url), handler=_raise):
+                for raw in group_by_keys(tar_members(hashed, url), handler=_raise):
                     count += 1
                     yield decode_sample(raw)
+                hashed.drain()
             except ShardError:
                 raise
             except (ValueError, OSError, EOFError) as err:  # garbage in a header, a failing read
                 raise ShardError(f"{url}: corrupt shard ({type(err).__name__}: {err})") from err
         if info and count != info["samples"]:
             raise ShardError(f"{url}: truncated shard, {count} of {info['samples']} samples")
+        if info and "sha256" in info and hashed.sha.hexdigest() != info["sha256"]:
+            raise ShardError(f"{url}: corrupted shard (sha256 differs from dataset.json; `mmprep verify` checks them all)")
+
+
+class _Hashed:
+    """A stream that hashes what is read through it."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.sha = stream, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.sha.update(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
 
 
 @dataclass(frozen=True)

@@ -258,3 +258,93 @@ def test_files_over_max_file_bytes_are_refused_unread(tmp_path):
     manifest, rejects, _ = prepare(write_manifest(tmp_path, lines), tmp_path / "out", params)
     assert [r["id"] for r in manifest] == ["ok"]
     assert [(r["id"], r["reason"]) for r in rejects] == [("big", "file_too_large")]
+
+
+def test_rows_that_broke_the_job_or_vanished_are_each_one_reject(tmp_path):
+    """A JSON value nested 100k deep, a repeated key, an extra key of invalid UTF-8, a BOM on
+    line 1: the job finishes, every line is kept or rejected with a reason."""
+    lines = [
+        b"\xef\xbb\xbf" + j(id="bom", text="first row after a byte order mark", label="a"),
+        b'{"id": "deep", "text": "x", "label": "a", "meta": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"id": "deep32", "text": "x", "label": "a", "meta": ' + b"[" * 40 + b"]" * 40 + b"}",
+        b'{"id": "twice", "text": "one caption", "text": "another", "label": "a"}',
+        b'{"id": "badkey", "text": "fine caption", "label": "a", "n\xffame": 1}',
+        j(id="ok", text="an ordinary caption", label="b"),
+    ]
+    manifest, rejects, ds = prepare(write_manifest(tmp_path, lines), tmp_path / "out", params_with(tmp_path, max_reject_ratio=0.9))
+    assert sorted(r["id"] for r in manifest) == ["badkey", "bom", "ok"]
+    got = {r["source"]: (r["reason"], r["detail"]) for r in rejects}
+    assert got["manifest.jsonl:2"] == ("malformed_row", "not valid JSON: nested too deeply")
+    assert got["manifest.jsonl:3"][0] == "bad_field" and "nested deeper than 32" in got["manifest.jsonl:3"][1]
+    assert got["manifest.jsonl:4"][0] == "malformed_row" and "'text' appears more than once" in got["manifest.jsonl:4"][1]
+    assert ds["counts"]["input_rows"] == len(lines) == len(manifest) + len(rejects)
+    key = next(r["key"] for r in manifest if r["id"] == "badkey")
+    shard = next(r["shard"] for r in manifest if r["id"] == "badkey")
+    meta = next(json.loads(m["json"]) for k, m in iter_shard(str(tmp_path / "out" / shard)) if k == key)
+    assert meta["extra"]["n\\xffame"] == 1  # the key survives, escaped, not lost
+
+
+def test_csv_long_fields_and_unclosed_quotes_lose_no_row(tmp_path):
+    long = "y" * 300_000  # past the csv module's default field limit (131,072)
+    text = (
+        "id,text,label\n"
+        f"a,{long},x\n"
+        'b,"an unclosed quote,x\n'  # would swallow every row after it
+        'c,"a caption\nover two lines",y\n'
+        "\n"
+        "d,plain caption,y\n"
+        'e,"ends the file unclosed,x\n'
+    )
+    (tmp_path / "manifest.csv").write_text(text)
+    manifest, rejects, ds = prepare(tmp_path / "manifest.csv", tmp_path / "out", params_with(tmp_path, max_reject_ratio=0.9))
+    assert sorted(r["id"] for r in manifest) == ["a", "c", "d"]
+    assert [(r["source"], r["reason"]) for r in rejects] == [("manifest.csv:3", "malformed_row"), ("manifest.csv:8", "malformed_row")]
+    assert "unclosed quote" in rejects[0]["detail"]
+    assert ds["counts"]["input_rows"] == 5
+
+
+def test_repeated_columns_are_a_one_line_error_before_any_work(tmp_path, capsys):
+    import pyarrow as pa
+
+    (tmp_path / "manifest.csv").write_text("id,text,text,label\na,one,two,x\n")
+    table = pa.Table.from_arrays([pa.array(["a"]), pa.array(["one"]), pa.array(["two"])], names=["id", "text", "text"])
+    pq.write_table(table, tmp_path / "manifest.parquet")
+    for name in ("manifest.csv", "manifest.parquet"):
+        code = prepare_main(["--input", str(tmp_path / name), "--output", str(tmp_path / f"out-{name}"), "--params", str(PARAMS)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and err[-1].startswith("mmprep prepare: error: --input") and "'text' appears more than once" in err[-1]
+        assert not (tmp_path / f"out-{name}" / "dataset.json").exists()
+
+
+def test_an_unwritable_output_is_one_line_before_any_work(tmp_path, capsys):
+    import os
+
+    (tmp_path / "manifest.jsonl").write_bytes(j(id="a", text="a caption", label="x") + b"\n")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.access(locked, os.W_OK):  # root ignores permissions
+        locked.chmod(0o700)
+        locked.rmdir()
+        locked.write_text("a file where the output directory should be")
+    code = prepare_main(["--input", str(tmp_path / "manifest.jsonl"), "--output", str(locked / "out"), "--params", str(PARAMS)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"mmprep prepare: error: --output {locked / 'out'}: not a writable directory")
+
+
+def test_a_write_failure_mid_run_is_one_line_and_publishes_nothing(tmp_path, capsys, monkeypatch):
+    """A full disk while shards are written (simulated in the in-process runner): one line
+    naming the error and the step, exit 1, no dataset.json, no temporary files left."""
+    import pipelines.write as write
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(write, "write_tar", full)
+    lines = [j(id=f"r{i}", text=f"caption number {i}", label="ab"[i % 2]) for i in range(20)]
+    out = tmp_path / "out"
+    code = prepare_main(["--input", str(write_manifest(tmp_path, lines)), "--output", str(out), "--params", str(PARAMS)])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert code == 1 and len(err) == 1, err
+    assert "No space left on device" in err[0] and "WriteShards" in err[0] and "Traceback" not in err[0]
+    assert not (out / "dataset.json").exists() and not list(out.glob("*.tmp-*"))

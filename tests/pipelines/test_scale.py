@@ -61,10 +61,11 @@ def test_csv_ranges_keep_quoted_newlines_and_line_numbers(tmp_path):
     plan = read.plan_input("manifest", str(path))
     assert len(plan.ranges) > 1 and plan.rows == 300
     reference, reader = [], csv.reader(io.StringIO(buf.getvalue(), newline=""))
-    header = next(reader)
-    for order, values in enumerate(reader):
-        row = parse_record(dict(zip(header, values, strict=True)), f"m.csv:{reader.line_num}", order, str(tmp_path))
+    header, first_line = next(reader), 2
+    for order, values in enumerate(reader):  # a row's source names the line it starts on
+        row = parse_record(dict(zip(header, values, strict=True)), f"m.csv:{first_line}", order, str(tmp_path))
         reference.append((row.source, row.order, row.id, row.text, None))
+        first_line = reader.line_num + 1
     assert rows_of(plan) == reference
 
 

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from mmprep.shards import sample_members, shard_name, write_shard
 
@@ -37,7 +39,7 @@ def write_tiny_dataset(out: Path, per_split: dict[str, int] | None = None, shard
     shards = shards or {"train": 3, "val": 1, "test": 1}
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
-    splits, infos = {}, {}
+    splits, infos, rows = {}, {}, []
     for split, n in per_split.items():
         samples = []
         for i in range(n):
@@ -57,6 +59,7 @@ def write_tiny_dataset(out: Path, per_split: dict[str, int] | None = None, shard
             name = shard_name(split, k)
             sha, size = write_shard(str(out / name), samples[k :: shards[split]])
             infos[name] = {"sha256": sha, "samples": len(samples[k :: shards[split]]), "bytes": size}
+            rows += [{"key": key, "split": split, "shard": name} for key, _ in samples[k :: shards[split]]]
             names.append(name)
         splits[split] = {"samples": n, "shards": names}
     spec = {
@@ -75,4 +78,5 @@ def write_tiny_dataset(out: Path, per_split: dict[str, int] | None = None, shard
         if missing.get(m, 0.0) >= 1.0:
             del spec["features"][member]
     (out / "dataset.json").write_text(json.dumps(spec))
+    pq.write_table(pa.Table.from_pylist(rows), out / "manifest.parquet")
     return out

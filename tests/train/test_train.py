@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -236,3 +237,59 @@ def test_training_over_http_gives_the_same_weights_as_from_disk(tiny, tmp_path, 
         list(D.read_shards(D.shard_urls(url, D.load_spec(url), "train"), D.load_spec(url)["shards"]))
     with pytest.raises(FileNotFoundError, match=r"/nothing/dataset.json: cannot fetch"):
         D.load_spec(url + "/nothing")
+
+
+def _flip_label_byte(src: Path, dst: Path) -> None:
+    """Copy a dataset, changing one byte inside the first .cls member of train-000000.tar."""
+    shutil.copytree(src, dst)
+    data = bytearray((dst / "train-000000.tar").read_bytes())
+    header = data.find(b".cls\0")
+    header -= header % 512
+    data[header + 512] ^= 0x01  # "3" → "2": a different, valid label
+    (dst / "train-000000.tar").write_bytes(bytes(data))
+
+
+def test_a_flipped_label_byte_is_found_by_verify_and_by_the_loader(tiny, tmp_path, capsys):
+    from mmprep.cli import main as cli
+
+    assert cli(["verify", "--data", str(tiny)]) == 0
+    assert "ok: 5 shards" in capsys.readouterr().out
+    bad = tmp_path / "bad"
+    _flip_label_byte(tiny, bad)
+    assert cli(["verify", "--data", str(bad)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("mmprep verify: train-000000.tar: sha256") and "corrupted" in err[0]
+    spec = D.load_spec(str(bad))
+    with pytest.raises(D.ShardError, match=r"train-000000.tar: corrupted shard \(sha256 differs"):
+        list(D.read_shards(D.shard_urls(str(bad), spec, "train"), spec["shards"]))
+    (bad / "stray-000000.tar").write_bytes(b"")
+    (bad / "val-000000.tar").unlink()
+    assert cli(["verify", "--data", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "stray-000000.tar: a shard file that dataset.json does not list" in err and "val-000000.tar: missing" in err
+
+
+def test_a_corrupt_shard_read_by_loader_workers_is_one_line(tiny, tmp_path, capsys):
+    from mmprep.cli import main as cli
+
+    bad = tmp_path / "bad"
+    _flip_label_byte(tiny, bad)
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  epochs: 1\n  num_workers: 2\n  batch_size: 32\n")
+    assert cli(["train", "--data", str(bad), "--output", str(tmp_path / "run"), "--params", str(params)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mmprep")]
+    assert len(err) == 1 and "train-000000.tar: corrupted shard" in err[0] and "Traceback" not in err[0]
+
+
+def test_verify_reads_a_dataset_over_http(tiny, http_root, capsys):
+    from mmprep.cli import main as cli
+
+    root, url = http_root
+    for f in tiny.iterdir():
+        (root / f.name).write_bytes(f.read_bytes())
+    assert cli(["verify", "--data", url]) == 0
+    data = bytearray((root / "val-000000.tar").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (root / "val-000000.tar").write_bytes(bytes(data))
+    assert cli(["verify", "--data", url + "/"]) == 1
+    assert "val-000000.tar" in capsys.readouterr().err
