@@ -142,8 +142,12 @@ class PrepareConfig:
     text: TextConfig = field(default_factory=TextConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
+    row_timeout: float = 10.0  # seconds one row may take to process (0: no child process, no limit)
+    row_memory_mb: int = 1024  # memory one row's processing may add (0: unlimited)
 
     def validate(self) -> None:
+        _check(self.row_timeout >= 0, "prepare.row_timeout", "must be >= 0 (0 turns the limit off)")
+        _check(self.row_memory_mb >= 0, "prepare.row_memory_mb", "must be >= 0 (0 turns the limit off)")
         _check(0.0 <= self.max_reject_ratio <= 1.0, "prepare.max_reject_ratio", "must be in [0, 1]")
         _check(self.max_file_bytes >= 1, "prepare.max_file_bytes", "must be >= 1")
         bad = set(self.splits) - {"train", "val", "test"}

@@ -206,10 +206,13 @@ def _to_rgb(img: np.ndarray) -> np.ndarray:
         img = cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
     if img.ndim == 2:
         return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    if img.shape[2] == 4:
-        alpha = img[:, :, 3:4].astype(np.float32) / 255.0
-        bgr = img[:, :, :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
-        return cv2.cvtColor(np.round(bgr).astype(np.uint8), cv2.COLOR_BGR2RGB)
+    if img.shape[2] == 4:  # composited on white a block of rows at a time (float temporaries stay small)
+        out = np.empty((img.shape[0], img.shape[1], 3), np.uint8)
+        for top in range(0, img.shape[0], 256):
+            block = img[top : top + 256]
+            alpha = block[:, :, 3:4].astype(np.float32) / 255.0
+            out[top : top + 256] = np.round(block[:, :, :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha))
+        return cv2.cvtColor(out, cv2.COLOR_BGR2RGB, dst=out)
     return cv2.cvtColor(img[:, :, :3], cv2.COLOR_BGR2RGB)
 
 
@@ -226,6 +229,8 @@ def decode_image(data: bytes, cfg: ImageConfig) -> tuple[np.ndarray, dict[str, A
         # the rest unchanged (alpha and 16-bit kept), oriented here from their eXIf/EXIF chunk
         img = cv2.imdecode(buf, cv2.IMREAD_COLOR if fmt == "jpeg" else cv2.IMREAD_UNCHANGED)
     except cv2.error as err:
+        if "Insufficient memory" in str(err):
+            raise MemoryError(f"{fmt}: {width}x{height}") from None
         raise RecordError("image_undecodable", f"{fmt}: {str(err).strip().splitlines()[-1]}") from None
     if img is None or img.size == 0:
         raise RecordError("image_undecodable", f"{fmt}: OpenCV could not decode it")

@@ -38,7 +38,9 @@ REASONS: dict[str, tuple[str, str]] = {
     "unknown_label": ("label", "the label is not in prepare.label.labels"),
     "unlabeled": ("label", "no label and no labelling rule matched (with label.unlabeled: reject)"),
     "duplicate": ("dedup", "same content in every modality as another sample (see duplicate_of)"),
-    "processing_error": ("process", "an unexpected error while processing the row (exotic file or a bug); detail names it"),
+    "timeout": ("process", "processing the row took longer than prepare.row_timeout (a pathological file); not cached"),
+    "out_of_memory": ("process", "processing the row needed more memory than prepare.row_memory_mb; not cached"),
+    "processing_error": ("process", "an unexpected error while processing the row (exotic file, a decoder crash, or a bug); detail names it"),
 }
 
 MODALITIES = ("image", "audio", "text")
@@ -53,6 +55,9 @@ class RecordError(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+    def __reduce__(self):  # pickles as (reason, detail), not as its one-string message
+        return (RecordError, (self.reason, self.detail))
 
 
 @dataclass(frozen=True)
@@ -85,8 +90,8 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict)
     hashes: dict[str, str] = field(default_factory=dict)  # modality -> content hash (exact)
     phash: int | None = None  # 64-bit perceptual hash of the image
-    # per-sample normalization sums by modality ({"image": Moments, "audio": Moments}), filled
-    # when the row is staged so the train statistics need no second decode
+    # per-sample normalization sums by modality, (count, scale, int64 [4, dims]) as
+    # `staged.sample_stats` makes them when the row is staged: no second decode at writing
     stats: dict[str, Any] = field(default_factory=dict)
 
     @property

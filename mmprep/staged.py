@@ -9,6 +9,9 @@ rows shifts line numbers but reuses every entry; the current values are put back
 
 Layout (no pickle, nothing executable):
     MAGIC | u64 header length | header (ASCII JSON) | payloads | sha256 of everything before
+Payloads: the JPEG, the features (.npy), the text (UTF-8), then the normalization sums as
+little-endian int64 arrays [4, dims] per modality (binary: as JSON lists of big integers they
+were most of the header, parsed for every row at reuse and at writing).
 A torn or corrupted entry fails the trailing digest and is treated as absent.
 """
 
@@ -24,13 +27,13 @@ import numpy as np
 
 from mmprep.config import PrepareConfig, to_dict
 from mmprep.records import RawRow, Reject, Sample
-from mmprep.stats import Moments
+from mmprep.stats import F16_SCALE, feature_parts, image_parts
 
-MAGIC = b"mmprep-staged/3\n"
-FORMAT = 3
+MAGIC = b"mmprep-staged/4\n"
+FORMAT = 4
 # libraries whose output bytes a processed row depends on (decoders, resampling, JPEG)
 _LIBRARIES = ("mmprep", "numpy", "opencv-python-headless", "opencv-python", "soundfile", "soxr", "scipy")
-_PAYLOADS = ("jpg", "mel", "text")
+_PAYLOADS = ("jpg", "mel", "text", "stats")
 
 
 def _library_versions() -> dict[str, str]:
@@ -108,7 +111,9 @@ def encode(result: Sample | Reject, name: str, summ: dict[str, Any] | None = Non
             "text": result.text.encode("utf-8") if result.text is not None else None,
         }
         meta = {k: v for k, v in result.meta.items() if k != "source"}
-        stats = {m: [v.count, v.sums, v.squares, v.scale] for m, v in sample_stats(result).items()}
+        sums = sample_stats(result)
+        parts["stats"] = b"".join(sums[m][2].astype("<i8").tobytes() for m in sorted(sums)) or None  # the header's (sorted) order
+        stats = {m: [count, int(arr.shape[1]), scale] for m, (count, scale, arr) in sums.items()}
         header = {
             "kind": "sample",
             "name": name,
@@ -190,20 +195,30 @@ def decode(data: bytes, sample_id: str, source: str, order: int) -> Sample | Rej
         meta={**header["meta"], "source": source},
         hashes=header["hashes"],
         phash=header["phash"],
-        stats={m: Moments(*v) for m, v in header["stats"].items()},
+        stats=_stats(header["stats"], parts["stats"]),
     )
 
 
-def sample_stats(s: Sample) -> dict[str, Moments]:
-    """The sample's normalization sums: pixels of the stored JPEG as decoded (what training
-    reads), per mel bin over frames."""
+def sample_stats(s: Sample) -> dict[str, tuple[int, int, np.ndarray]]:
+    """The sample's normalization sums, modality → (count, scale, int64 [4, dims]): pixels of
+    the stored JPEG as decoded (what training reads), per mel bin over frames."""
     from mmprep.image import decode_jpg
 
     stats = {}
     if s.jpg is not None:
-        stats["image"] = Moments.empty(3)
-        stats["image"].add_image(decode_jpg(s.jpg))
+        rgb = decode_jpg(s.jpg)
+        stats["image"] = (int(rgb.shape[0] * rgb.shape[1]), 1, image_parts(rgb))
     if s.mel is not None:
-        stats["audio"] = Moments.empty(int(s.mel.shape[0]))
-        stats["audio"].add_features(s.mel)
+        stats["audio"] = (int(s.mel.shape[1]), F16_SCALE, feature_parts(s.mel))
     return stats
+
+
+def _stats(header: dict[str, list[int]], data: bytes | None) -> dict[str, tuple[int, int, np.ndarray]]:
+    out, offset = {}, 0
+    for modality, (count, dims, scale) in sorted(header.items()):
+        arr = np.frombuffer(data, dtype="<i8", count=4 * dims, offset=offset).reshape(4, dims)
+        out[modality] = (count, scale, arr)
+        offset += 32 * dims
+    if data is not None and offset != len(data):
+        raise ValueError("staged entry has malformed statistics")
+    return out

@@ -62,6 +62,12 @@ class Moments:
             self.sums[i] += sums[i]
             self.squares[i] += (hh[i] << 40) + (hl[i] << 21) + ll[i]
 
+    @classmethod
+    def from_parts(cls, count: int, parts: np.ndarray, scale: int) -> Moments:
+        """From `image_parts`/`feature_parts`-style int64 rows [sums, hh, hl, ll] (Python ints)."""
+        sums, hh, hl, ll = ([int(v) for v in row] for row in parts)
+        return cls(count, sums, [(a << 40) + (b << 21) + c for a, b, c in zip(hh, hl, ll, strict=True)], scale)
+
     @staticmethod
     def merge(a: Moments, b: Moments) -> Moments:
         if a.count == 0:
@@ -87,3 +93,55 @@ class Moments:
             means.append(float(f"{mean:.6g}"))
             stds.append(max(float(f"{std:.6g}"), 1e-6))
         return means, stds
+
+
+def image_parts(rgb: np.ndarray) -> np.ndarray:
+    """A uint8 HxWx3 image's per-channel sums as int64 rows [sums, 0, 0, squares] (the layout
+    of `feature_parts`; a channel of ≤ 2**30 pixels cannot overflow)."""
+    pixels = rgb.reshape(-1, rgb.shape[-1])
+    levels = np.arange(256, dtype=np.int64)
+    hist = np.stack([np.bincount(pixels[:, i], minlength=256) for i in range(pixels.shape[1])]).astype(np.int64)
+    zeros = np.zeros(pixels.shape[1], np.int64)
+    return np.stack([hist @ levels, zeros, zeros, hist @ (levels * levels)])
+
+
+def feature_parts(feats: np.ndarray) -> np.ndarray:
+    """float16 [bins, frames] → int64 rows [sums, hh, hl, ll] per bin of the values times 2**24
+    (exact integers x = hi·2**20 + lo; x² = hh·2**40 + hl·2**21 + ll, see add_features)."""
+    columns = (feats.astype(np.float64) * F16_SCALE).astype(np.int64)
+    if columns.shape[1] > 1 << 21:
+        raise ValueError("too many frames for exact int64 moments")
+    hi, lo = columns >> 20, columns & ((1 << 20) - 1)
+    return np.stack([columns.sum(axis=1), (hi * hi).sum(axis=1), (hi * lo).sum(axis=1), (lo * lo).sum(axis=1)])
+
+
+class MomentSum:
+    """Exact running totals of many samples' parts: int64 sums over chunks whose size cannot
+    overflow (checked from the values), Python integers across chunks."""
+
+    CHUNK = 256
+
+    def __init__(self, dims: int, scale: int) -> None:
+        self.count, self.scale = 0, scale
+        self.totals = np.zeros((4, dims), dtype=object)  # Python ints
+        self.pending: list[np.ndarray] = []
+
+    def add(self, count: int, parts: np.ndarray) -> None:
+        self.count += count
+        self.pending.append(parts)
+        if len(self.pending) >= self.CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        stack = np.stack(self.pending)
+        self.pending = []
+        if int(np.abs(stack).max()) < (1 << 62) // len(stack):
+            self.totals += stack.sum(axis=0).astype(object)
+        else:  # values near the int64 range: add as Python integers
+            self.totals += stack.astype(object).sum(axis=0)
+
+    def moments(self) -> Moments:
+        self._flush()
+        return Moments.from_parts(self.count, self.totals, self.scale)

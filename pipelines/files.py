@@ -25,10 +25,12 @@ def is_local(path: str) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_stream(path: str, durable: bool = True):
+def atomic_stream(path: str, durable: bool = True, tag: str = ""):
     """A writable file that appears at `path` only when the block completes (local: a temp
-    sibling + rename, fsync'ed first when `durable`; other filesystems: create, then rename)."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    sibling + rename, fsync'ed first when `durable`; other filesystems: create, then rename).
+    The temporary name is `PATH.tmp-TAG…`: a run tags its own, so a later run can sweep the
+    leftovers of one that was killed (`staging.sweep_dead_runs`)."""
+    tmp = f"{path}.tmp-{tag}{uuid.uuid4().hex[:12]}"
     if is_local(path):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         try:
@@ -47,8 +49,8 @@ def atomic_stream(path: str, durable: bool = True):
     FileSystems.rename([tmp], [path])
 
 
-def put(path: str, data: bytes, durable: bool = True) -> None:
-    with atomic_stream(path, durable) as f:
+def put(path: str, data: bytes, durable: bool = True, tag: str = "") -> None:
+    with atomic_stream(path, durable, tag) as f:
         f.write(data)
 
 

@@ -25,6 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -32,12 +33,13 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from mmprep.config import PrepareConfig, load_params
+from mmprep.staged import context_digest
 from pipelines import steps
 from pipelines.files import join
 from pipelines.plan import PlanFn
 from pipelines.progress import Reporter
 from pipelines.read import InputError, Plan, plan_input, resolve_input
-from pipelines.staging import default_cache
+from pipelines.staging import default_cache, hold_run, release_run, sweep_dead_runs
 from pipelines.write import WORK, FinalizeFn, WriteShardFn
 
 
@@ -82,7 +84,8 @@ def pipeline_options(beam_args: list[str], workers: int | None) -> PipelineOptio
     return options
 
 
-def build(p: beam.Pipeline, plan: Plan, out: str, cfg: PrepareConfig, store: str, reuse: bool, progress: str | None) -> None:
+def build(p: beam.Pipeline, plan: Plan, out: str, cfg: PrepareConfig, store: str, reuse: bool, progress: str | None,
+          run: str = "") -> None:
     """A straight line: per-range processing (parallel) → one global plan over light
     records (index files) → per-shard writing (parallel) → final tables. Nothing per row
     crosses a shuffle, combiner or side input; payloads wait in the staging store."""
@@ -90,7 +93,7 @@ def build(p: beam.Pipeline, plan: Plan, out: str, cfg: PrepareConfig, store: str
     _ = (
         p
         | "Ranges" >> beam.Create(plan.ranges)
-        | "Process" >> beam.ParDo(steps.ProcessRangeFn(cfg, store, reuse, work, progress, plan.rows))
+        | "Process" >> beam.ParDo(steps.ProcessRangeFn(cfg, store, reuse, work, progress, plan.rows, run))
         | "IndexParts" >> steps.Gather()
         | "Plan" >> beam.ParDo(PlanFn(out, work, cfg))
         | "SpreadShards" >> beam.Reshuffle()
@@ -158,13 +161,17 @@ def run(argv: list[str] | None = None) -> int:
         os.environ.setdefault(name, "1")
     started = time.monotonic()
     progress = tempfile.mkdtemp(prefix="mmprep-progress-")
+    run_id, context = uuid.uuid4().hex[:12], context_digest(cfg)
+    sweep_dead_runs(store, context)  # temporary files of killed runs that used this cache
+    lock = hold_run(store, context, run_id)
     try:
         with Reporter(progress, plan.rows), beam.Pipeline(options=options) as p:
-            build(p, plan, out, cfg, store, not args.no_cache, progress)
+            build(p, plan, out, cfg, store, not args.no_cache, progress, run_id)
     except Exception as err:  # noqa: BLE001 - a worker's failure (disk full, output gone): one line, not Beam's traceback
         raise RunError(root_cause(err)) from err
     finally:
         shutil.rmtree(progress, ignore_errors=True)
+        release_run(lock)
     result = p.result
     _clean(out)
     return report(out, cfg, result, time.monotonic() - started)

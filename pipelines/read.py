@@ -140,7 +140,12 @@ def _plan_csv(path: str, per: int) -> Plan:
         offset = _csv_start(f)
         f.seek(offset)
         records = csv_records(f)
-        header, header_lines, size, _ = next(records, (None, 0, 0, ""))
+        header, header_lines, size = None, 0, 0
+        for fields, used, nbytes, _ in records:  # the first non-blank record (blank lines before it are skipped)
+            header_lines, size = header_lines + used, size + nbytes
+            if fields:
+                header = fields
+                break
         if not header:
             return Plan([], 0)
         repeated = sorted({name for name in header if header.count(name) > 1})

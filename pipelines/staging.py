@@ -31,6 +31,51 @@ def default_cache() -> str:
     return os.path.join(base, "mmprep")
 
 
+def hold_run(store_root: str, context: str, run: str):
+    """Mark run `run` as alive in a local store: an exclusive lock on `.run-RUN.lock`, held
+    (the open file returned) until the run ends or its process dies. None for remote stores."""
+    import fcntl
+
+    directory = os.path.join(store_root, f"rows-{context[:16]}")
+    if FileSystems.get_scheme(store_root) not in (None, "file"):
+        return None
+    os.makedirs(directory, exist_ok=True)
+    lock = open(os.path.join(directory, f".run-{run}.lock"), "w")  # noqa: SIM115 - held for the run
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return lock
+
+
+def release_run(lock) -> None:
+    if lock is not None:
+        os.unlink(lock.name)
+        lock.close()
+
+
+def sweep_dead_runs(store_root: str, context: str) -> int:
+    """Delete the temporary files of runs that died (kill -9, a lost machine): their lock
+    file is no longer held. Runs still alive, here or sharing the cache, are left alone.
+    Returns the number of files removed."""
+    import fcntl
+    import glob
+
+    directory = os.path.join(store_root, f"rows-{context[:16]}")
+    if FileSystems.get_scheme(store_root) not in (None, "file") or not os.path.isdir(directory):
+        return 0
+    removed = 0
+    for path in glob.glob(os.path.join(directory, ".run-*.lock")):
+        run = os.path.basename(path)[len(".run-") : -len(".lock")]
+        try:
+            with open(path) as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # got it: nobody holds it, the run is dead
+                for stale in glob.glob(os.path.join(directory, f"*.tmp-{glob.escape(run)}*")):
+                    os.unlink(stale)
+                    removed += 1
+                os.unlink(path)
+        except OSError:
+            continue  # alive (locked) or already swept by another run
+    return removed
+
+
 class Store:
     """Entries in pack files: each processed input range appends its new entries to one
     `<root>/<context>/<pack>.pack` (one file per range, not per row: creating a file costs
@@ -44,8 +89,9 @@ class Store:
     bytes are checked by the caller (each entry carries its name and a checksum), so a torn
     pack or a prefix collision is a miss, never a wrong hit."""
 
-    def __init__(self, root: str, context: str) -> None:
+    def __init__(self, root: str, context: str, run: str = "") -> None:
         self.dir = join(root, f"rows-{context[:16]}")
+        self.run = run  # tags this run's temporary files (see sweep_dead_runs)
         self.local = FileSystems.get_scheme(root) in (None, "file")
         self._index: tuple | None = None
         self._files: dict[str, object] = {}
@@ -62,12 +108,10 @@ class Store:
             locations[name] = f"{pack}:{offset}:{len(data)}"
             index.append(f"{name} {offset} {len(data)}")
             offset += len(data)
-        pack_path = join(self.dir, f"{pack}.pack")  # not atomic: entries are checked on reading
-        if self.local:
-            os.makedirs(self.dir, exist_ok=True)
-        with open(pack_path, "wb") if self.local else FileSystems.create(pack_path) as f:  # noqa: SIM115
-            f.write(b"".join(data for _, data in entries))
-        put(join(self.dir, f"{pack}.idx"), ("\n".join(index) + "\n").encode(), durable=False)
+        # the pack, then its index: both under temporary names first, so a killed run leaves at
+        # worst tagged temporary files (swept by the next run) or a pack no index points to
+        put(join(self.dir, f"{pack}.pack"), b"".join(data for _, data in entries), durable=False, tag=self.run)
+        put(join(self.dir, f"{pack}.idx"), ("\n".join(index) + "\n").encode(), durable=False, tag=self.run)
         return locations
 
     # -- reading ------------------------------------------------------------------------

@@ -15,6 +15,10 @@ from mmprep.process import process_row
 from mmprep.records import RawRow, RecordError, Reject, Sample, reject
 from pipelines.progress import WorkerCount
 from pipelines.read import Range, load_media, read_range
+from pipelines.sandbox import Sandbox
+
+# rejects that depend on the machine or its load, not on the row: never cached
+UNCACHED = ("processing_error", "timeout", "out_of_memory")
 from pipelines.staging import Store
 
 
@@ -84,8 +88,9 @@ class ProcessRangeFn(beam.DoFn):
     The range's light records (`Kept` or Reject per row) go to one index part file under
     `work`; the element emitted is the part's path and row count."""
 
-    def __init__(self, cfg: PrepareConfig, store: str, reuse: bool, work: str, progress: str | None = None, total: int = 0) -> None:
-        self.cfg, self.store_root, self.reuse, self.work = cfg, store, reuse, work
+    def __init__(self, cfg: PrepareConfig, store: str, reuse: bool, work: str, progress: str | None = None, total: int = 0,
+                 run: str = "") -> None:
+        self.cfg, self.store_root, self.reuse, self.work, self.run = cfg, store, reuse, work, run
         self.progress_dir, self.total = progress, total
         self.rows = Metrics.counter("read", "rows")
         self.kept = Metrics.counter("process", "kept")
@@ -97,9 +102,10 @@ class ProcessRangeFn(beam.DoFn):
 
         limit_threads()
         self.context = context_digest(self.cfg)
-        self.store = Store(self.store_root, self.context)
+        self.store = Store(self.store_root, self.context, self.run)
         self.progress = WorkerCount(self.progress_dir, self.total)
         self.memo: list[tuple[str, str]] = []
+        self.sandbox = Sandbox(self.cfg) if self.cfg.row_timeout > 0 else None
 
     def process(self, rng: Range):
         from pipelines.files import join, put, table_bytes
@@ -127,6 +133,8 @@ class ProcessRangeFn(beam.DoFn):
 
     def teardown(self) -> None:
         self.store.close()
+        if self.sandbox is not None:
+            self.sandbox.close()
 
     def process_row(self, row: RawRow, staged_rows: list[tuple[str, bytes]]) -> Kept | Reject:
         """A row's light record (its `entry` a location when reused, else its name, the bytes
@@ -157,6 +165,17 @@ class ProcessRangeFn(beam.DoFn):
         if found is not None:
             return found
         self.fresh.inc()
+        if self.sandbox is not None:  # a child process: bounded time and memory, a crash costs this row
+            data = self.sandbox.run(row, loaded, name)
+            if isinstance(data, RecordError):
+                return reject(row, data)
+            found = staged.peek(data, name, row.id, row.source, row.order, self.cfg.text.max_tokens)
+            if isinstance(found, Reject):
+                if found.reason not in UNCACHED:
+                    staged_rows.append((name, data))
+                return found
+            staged_rows.append((name, data))
+            return Kept(*found[:5], name, *found[5:])
         try:
             result = process_row(row, loaded, self.cfg)
         except Exception as err:  # noqa: BLE001 - one exotic file must not stop a million-row job:

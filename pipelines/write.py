@@ -84,7 +84,7 @@ class WriteShardFn(beam.DoFn):
         self.store.close()
 
     def process(self, task: tuple[str, str]):
-        from mmprep.stats import Moments
+        from mmprep.stats import F16_SCALE, MomentSum
         from mmprep.tokenizer import Tokenizer
         from pipelines.plan import PLAN_SCHEMA, read_table
 
@@ -94,8 +94,7 @@ class WriteShardFn(beam.DoFn):
         name, split = task
         plan = read_table(join(self.work, "plan", f"{name}.parquet"), PLAN_SCHEMA).to_pylist()
         a = self.cfg.audio
-        empty = {"image": Moments.empty(3), "audio": Moments.empty(a.n_mels if a.feature == "logmel" else a.n_mfcc)}
-        totals = dict(empty)
+        totals = {"image": MomentSum(3, 1), "audio": MomentSum(a.n_mels if a.feature == "logmel" else a.n_mfcc, F16_SCALE)}
         rows: list[dict] = []
         labels_seen: Counter = Counter()
         modalities: Counter = Counter()
@@ -111,8 +110,8 @@ class WriteShardFn(beam.DoFn):
                 for m, present in (("image", s.jpg is not None), ("audio", s.mel is not None), ("text", s.text is not None)):
                     modalities[m] += present
                 if split == "train":
-                    totals["image"] = Moments.merge(totals["image"], s.stats.get("image", empty["image"]))
-                    totals["audio"] = Moments.merge(totals["audio"], s.stats.get("audio", empty["audio"]))
+                    for modality, (count, _, parts) in s.stats.items():
+                        totals[modality].add(count, parts)
                 yield s.key, sample_members(s.key, meta=meta, jpg=s.jpg, mel=s.mel, tokens=tokens, text=s.text, label_id=label_id)
 
         with atomic_stream(join(self.out, name)) as f:
@@ -127,8 +126,8 @@ class WriteShardFn(beam.DoFn):
             "sha256": sha,
             "labels": dict(labels_seen),
             "modalities": dict(modalities),
-            "image_moments": totals["image"],
-            "audio_moments": totals["audio"],
+            "image_moments": totals["image"].moments(),
+            "audio_moments": totals["audio"].moments(),
         }
 
 

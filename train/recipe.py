@@ -127,6 +127,8 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, total))
     step, start_epoch, best = 0, 0, -1.0
+    history: list[dict[str, float]] = []
+    partial = [0.0, 0]
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
     last_path = os.path.join(run_dir, "checkpoints", "last.pt")
     if os.path.exists(last_path):
@@ -136,13 +138,14 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         step, start_epoch, best = ckpt["step"], ckpt["epoch"], ckpt["best"]
+        history = [row for row in ckpt.get("history", []) if row["epoch"] <= start_epoch]  # earlier epochs' curves
+        partial = ckpt.get("partial", [0.0, 0])  # the interrupted epoch's loss sum and batch count so far
         set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
         if main:
             print(f"[train] resuming from {last_path} at step {step} (epoch {start_epoch})", file=sys.stderr)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     fwd = torch.compile(net) if cfg.compile else net
     live = _live(run_dir, live_dir, resume=step > 0) if main else None
-    history: list[dict[str, float]] = []
     speed = {"samples": 0, "seconds": 0.0, "wait": 0.0}
 
     def epoch_batches(epoch: int):
@@ -158,6 +161,8 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
         upcoming = None
         net.train()
         timer = {"wait": 0.0, "start": time.perf_counter(), "samples": 0, "loss": 0.0, "n": 0}
+        if skip > 0:  # a resumed epoch's train_loss averages all its batches, as an uninterrupted run's does
+            timer["loss"], timer["n"] = partial
         for index in range(batches):
             t0 = time.perf_counter()
             batch = next(it)
@@ -184,7 +189,8 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
             if main and (step % cfg.log_every == 0 or step == total):
                 _progress(step, total, timer, scheduler.get_last_lr()[0], cuda)
             if step % cfg.checkpoint_every == 0 or step == total:
-                _checkpoint(last_path, model, optimizer, scheduler, step, epoch + (index + 1 == batches), best, world, main, asdict(cfg))
+                _checkpoint(last_path, model, optimizer, scheduler, step, epoch + (index + 1 == batches), best, world, main,
+                            asdict(cfg), history, [float(timer["loss"]), timer["n"]] if index + 1 < batches else [0.0, 0])
             if step >= total:
                 break
         _account(speed, timer, first=epoch == start_epoch, cuda=cuda)
@@ -204,7 +210,7 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
             if val_acc > best or math.isnan(val_acc):
                 best = val_acc if not math.isnan(val_acc) else best
                 save_atomic({"model": model.state_dict()}, os.path.join(run_dir, "checkpoints", "best.pt"))
-        _checkpoint(last_path, model, optimizer, scheduler, step, epoch + 1, best, world, main, asdict(cfg))  # all ranks
+        _checkpoint(last_path, model, optimizer, scheduler, step, epoch + 1, best, world, main, asdict(cfg), history, [0.0, 0])
         if step >= total:
             break
 
@@ -295,8 +301,9 @@ def _check_same_run(saved: dict[str, Any], cfg: TrainConfig, path: str) -> None:
         raise ValueError(f"{path} was written with other train params ({', '.join(changed)}): use a new --output or delete it")
 
 
-def _checkpoint(path, model, optimizer, scheduler, step, epoch, best, world, main, config) -> None:
-    """Every rank's RNG state goes into the one checkpoint written by rank 0."""
+def _checkpoint(path, model, optimizer, scheduler, step, epoch, best, world, main, config, history, partial) -> None:
+    """Every rank's RNG state goes into the one checkpoint written by rank 0, and the per-epoch
+    history so far (a resumed run's train_config.json and curves cover every epoch)."""
     state = rng_state()
     if world > 1:
         states: list[Any] = [None] * world
@@ -304,7 +311,8 @@ def _checkpoint(path, model, optimizer, scheduler, step, epoch, best, world, mai
         state = states
     if main:
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "step": step, "epoch": epoch, "best": best, "rng": state, "config": config}, path)
+                     "step": step, "epoch": epoch, "best": best, "rng": state, "config": config, "history": history,
+                     "partial": partial}, path)
 
 
 def _account(speed: dict, timer: dict, first: bool, cuda: bool) -> None:

@@ -109,6 +109,28 @@ def test_moments_are_exact_and_order_independent():
     np.testing.assert_allclose(std, allv.std(axis=1), rtol=1e-5)
 
 
+def test_summed_parts_equal_python_integer_moments_even_near_int64_limits():
+    """The writer's chunked int64 sums (MomentSum) give exactly the Python-integer moments,
+    also for values whose squares overflow int64 (then the chunk is summed as Python ints)."""
+    from mmprep.stats import F16_SCALE, MomentSum, feature_parts, image_parts
+
+    rng = np.random.default_rng(1)
+    feats = [rng.normal(-30, 12, (8, int(rng.integers(5, 40)))).astype(np.float16) for _ in range(600)]
+    feats[7] = np.full((8, 100_000), 65504, np.float16)  # float16's largest value over 100k frames:
+    feats[9] = np.full((8, 100_000), -65504, np.float16)  # hi² sums near 2**57, past a safe int64 chunk
+    summed, exact = MomentSum(8, F16_SCALE), Moments.empty(8)
+    for f in feats:
+        summed.add(f.shape[1], feature_parts(f))
+        exact.add_features(f)
+    assert summed.moments() == exact
+    images = [rng.integers(0, 256, (int(rng.integers(8, 40)), 17, 3), dtype=np.uint8) for _ in range(300)]
+    summed, exact = MomentSum(3, 1), Moments.empty(3)
+    for img in images:
+        summed.add(img.shape[0] * img.shape[1], image_parts(img))
+        exact.add_image(img)
+    assert summed.moments() == exact
+
+
 def _fold(parts: list[Moments]) -> tuple[Moments, Moments]:
     acc = Moments.empty(8)
     for m in parts[1:]:

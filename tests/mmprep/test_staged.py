@@ -16,9 +16,20 @@ def png() -> bytes:
     return cv2.imencode(".png", img)[1].tobytes()
 
 
+def wav() -> bytes:
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, 0.3 * np.sin(np.arange(12000) / 5), 16000, format="WAV")
+    return buf.getvalue()
+
+
 def _sample():
-    row = RawRow(source="m.jsonl:3", order=2, id="x/1", text="A caption, in words.", label="Cat", image="x.png")
-    return process_row(row, {"image": png(), "text": "A caption, in words."}, PrepareConfig())
+    """A sample with every modality: the statistics of image and audio travel together."""
+    row = RawRow(source="m.jsonl:3", order=2, id="x/1", text="A caption, in words.", label="Cat", image="x.png", audio="x.wav")
+    return process_row(row, {"image": png(), "audio": wav(), "text": "A caption, in words."}, PrepareConfig())
 
 
 def test_a_sample_survives_the_round_trip_with_its_current_position():
@@ -28,7 +39,10 @@ def test_a_sample_survives_the_round_trip_with_its_current_position():
     back = staged.decode(data, s.id, "other.jsonl:9", 8)
     assert (back.key, back.label, back.jpg, back.text, back.hashes, back.phash) == (s.key, s.label, s.jpg, s.text, s.hashes, s.phash)
     assert back.source == "other.jsonl:9" and back.order == 8 and back.meta["source"] == "other.jsonl:9"
-    assert back.stats["image"].sums == staged.sample_stats(s)["image"].sums
+    want = staged.sample_stats(s)
+    assert sorted(back.stats) == sorted(want) == ["audio", "image"] and all(
+        back.stats[m][:2] == want[m][:2] and np.array_equal(back.stats[m][2], want[m][2]) for m in want
+    )
     light = staged.peek(data, "n1", s.id, "m.jsonl:3", 2, 32)
     assert light == (s.key, s.id, 2, "m.jsonl:3", s.label, summ["signature"], tuple(map(tuple, summ["links"])), s.phash, s.text, summ["size"])
     assert staged.peek(data, "another-name", s.id, "m", 2, 32) is None  # another entry's bytes: a miss

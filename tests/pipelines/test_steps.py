@@ -1,5 +1,7 @@
 """DoFns called directly: the safety net that keeps one exotic file from stopping a job."""
 
+from dataclasses import replace
+
 import pipelines.steps as steps
 from mmprep.config import PrepareConfig
 from mmprep.records import RawRow, Reject
@@ -10,7 +12,9 @@ def test_an_unexpected_error_becomes_a_processing_error_reject(monkeypatch, tmp_
         raise MemoryError("decoder blew up")
 
     monkeypatch.setattr(steps, "process_row", explode)
-    fn = steps.ProcessRangeFn(PrepareConfig(), str(tmp_path / "cache"), reuse=True, work=str(tmp_path / "work"))
+    # in-process (row_timeout 0); in the child process the same rule holds (test_sandbox.py)
+    cfg = replace(PrepareConfig(), row_timeout=0)
+    fn = steps.ProcessRangeFn(cfg, str(tmp_path / "cache"), reuse=True, work=str(tmp_path / "work"))
     fn.setup()
     staged = []
     out = fn.process_row(RawRow(source="m.jsonl:1", order=0, id="x", text="hello"), staged)

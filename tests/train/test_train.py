@@ -58,29 +58,32 @@ def test_every_fusion_mode_learns_well_above_chance(tiny, tmp_path, fusion):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_after_a_crash_gives_bitwise_identical_weights(tiny, tmp_path, monkeypatch, workers):
-    """Also with loader worker processes (whose next epoch starts before the current one ends)."""
+    """Also with loader worker processes (whose next epoch starts before the current one ends).
+    The resumed run's history and curves cover every epoch, the ones before the crash too."""
     cfg = replace(FAST, epochs=2, checkpoint_every=5, augment=True, modality_dropout=0.3, num_workers=workers)
     train(str(tiny), str(tmp_path / "straight"), cfg)
     calls = {"n": 0}
     original = torch.optim.AdamW.step
 
-    def crash_at_step_8(self, *args, **kwargs):
+    def crash_at_step_17(self, *args, **kwargs):  # in epoch 2 (12 batches per epoch)
         calls["n"] += 1
-        if calls["n"] == 8:
+        if calls["n"] == 17:
             raise KeyboardInterrupt("simulated kill")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(torch.optim.AdamW, "step", crash_at_step_8)
+    monkeypatch.setattr(torch.optim.AdamW, "step", crash_at_step_17)
     with pytest.raises(KeyboardInterrupt):
         train(str(tiny), str(tmp_path / "resumed"), cfg)
     monkeypatch.setattr(torch.optim.AdamW, "step", original)
     ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)
-    assert ckpt["step"] == 5  # the crash came between checkpoints
+    assert ckpt["step"] == 15  # the crash came between checkpoints
     train(str(tiny), str(tmp_path / "resumed"), cfg)
     a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    history = [json.loads((tmp_path / run / "train_config.json").read_text())["history"] for run in ("straight", "resumed")]
+    assert [h["epoch"] for h in history[1]] == [1, 2] and history[0] == history[1]
     with pytest.raises(ValueError, match=r"other train params \(fusion\)"):
         train(str(tiny), str(tmp_path / "resumed"), replace(cfg, fusion="product"))
 

@@ -1,0 +1,149 @@
+"""Processing one row in a child process, so no single file can hang, exhaust or crash a
+Beam worker: `prepare.row_timeout` bounds its wall time, `prepare.row_memory_mb` the memory
+it may add, and a decoder that crashes (a segfault in a C library) costs that row only.
+
+The worker keeps one child (`python -m pipelines.sandbox`) and sends it rows one at a time:
+the row and its media bytes go down a pipe (pickled: the worker is trusted), the processed
+row comes back as a staged entry (`mmprep.staged`, our own format: nothing the child sends
+is ever unpickled). A child that overruns is killed and replaced (~0.5 s) and the row is a
+`timeout` reject; one that dies is replaced and the row is a `processing_error` reject naming
+the signal. Neither is cached: the next run tries the row again.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import signal
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from mmprep.config import PrepareConfig
+from mmprep.records import RawRow, RecordError
+
+_LEN = struct.Struct("<Q")
+_ROOT = str(Path(__file__).resolve().parents[1])
+START_TIMEOUT = 300.0  # seconds for a child to import its libraries (a cold disk can be slow)
+
+
+def _write_frame(f, data: bytes) -> None:
+    f.write(_LEN.pack(len(data)))
+    f.write(data)
+    f.flush()
+
+
+def _read_frame(f) -> bytes | None:
+    head = f.read(_LEN.size)
+    if len(head) < _LEN.size:
+        return None
+    (size,) = _LEN.unpack(head)
+    data = f.read(size)
+    return data if len(data) == size else None
+
+
+class Sandbox:
+    """A worker's child process for `process_row`; `run` returns a staged entry's bytes or
+    the RecordError that stopped the row (timeout, memory, crash)."""
+
+    def __init__(self, cfg: PrepareConfig) -> None:
+        self.cfg = cfg
+        self.proc: subprocess.Popen | None = None
+
+    def _start(self) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")]))}
+        self.proc = subprocess.Popen(  # noqa: S603 - our own module, same interpreter
+            [sys.executable, "-m", "pipelines.sandbox"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+        )
+        _write_frame(self.proc.stdin, pickle.dumps(self.cfg))
+        if not select.select([self.proc.stdout], [], [], START_TIMEOUT)[0] or _read_frame(self.proc.stdout) != b"ready":
+            self.close()
+            raise RuntimeError("the row-processing child process did not start (see its error above)")
+
+    def run(self, row: RawRow, loaded: dict[str, Any], name: str) -> bytes | RecordError:
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        proc = self.proc
+        try:
+            _write_frame(proc.stdin, pickle.dumps((row, loaded, name), protocol=pickle.HIGHEST_PROTOCOL))
+        except (BrokenPipeError, OSError):
+            return self._died()
+        if not select.select([proc.stdout], [], [], self.cfg.row_timeout)[0]:
+            self.close()
+            return RecordError("timeout", f"processing took longer than prepare.row_timeout={self.cfg.row_timeout:g}s")
+        reply = _read_frame(proc.stdout)
+        return self._died() if reply is None else reply
+
+    def _died(self) -> RecordError:
+        code = self.proc.wait() if self.proc is not None else None
+        self.proc = None
+        how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit status {code}"
+        return RecordError("processing_error", f"the decoder crashed the row's process ({how})")
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _limit_memory(extra_mb: int | None) -> None:
+    """Cap the child's data segment (heap and anonymous mappings) at what it uses now plus
+    `extra_mb` (None: no cap): an allocation past it fails (MemoryError, OpenCV's
+    out-of-memory error). Set per row, after its input is read: the cap is what processing
+    may add to the row's own bytes."""
+    import resource
+
+    if extra_mb is None:
+        resource.setrlimit(resource.RLIMIT_DATA, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        return
+    with open("/proc/self/statm", "rb") as f:  # pages: size resident shared text lib data dirty
+        data = int(f.read().split()[5]) * _PAGE
+    limit = data + (extra_mb << 20)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.RLIM_INFINITY))
+
+
+def _serve() -> None:
+    from mmprep import staged
+    from mmprep.process import process_row
+    from mmprep.records import Reject, reject
+    from pipelines.steps import limit_threads
+
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # a library's print must not corrupt the frames
+    cfg: PrepareConfig = pickle.loads(_read_frame(stdin))  # noqa: S301 - from our own parent
+    limit_threads()
+    cap = sys.platform == "linux" and cfg.row_memory_mb > 0
+    _write_frame(stdout, b"ready")
+    while (frame := _read_frame(stdin)) is not None:
+        row, loaded, name = pickle.loads(frame)  # noqa: S301 - from our own parent
+        del frame
+        try:
+            if cap:
+                _limit_memory(cfg.row_memory_mb)
+            try:
+                result = process_row(row, loaded, cfg)
+            finally:
+                if cap:
+                    _limit_memory(None)
+        except MemoryError:
+            result = reject(row, RecordError("out_of_memory", f"needed more than prepare.row_memory_mb={cfg.row_memory_mb}"))
+        except Exception as err:  # noqa: BLE001 - one exotic file must not stop the job
+            text = f"{type(err).__name__}: {err}"
+            if "Insufficient memory" in text or "Failed to allocate" in text:
+                result = reject(row, RecordError("out_of_memory", f"needed more than prepare.row_memory_mb={cfg.row_memory_mb}"))
+            else:
+                result = reject(row, RecordError("processing_error", text))
+        summ = None if isinstance(result, Reject) else staged.summary(result, cfg.text.max_tokens)
+        _write_frame(stdout, staged.encode(result, name, summ))
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when a child stops
+    _serve()
