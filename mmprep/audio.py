@@ -67,6 +67,8 @@ def prepare_waveform(mono: np.ndarray, sr: int, cfg: AudioConfig) -> np.ndarray:
     """Resample, crop/pad to clip_seconds, normalize loudness."""
     if sr != cfg.sample_rate:
         mono = resample(mono, sr, cfg.sample_rate).astype(np.float32)
+        if not np.isfinite(mono).all():  # samples near float32's limit can overflow in the filter
+            raise RecordError("audio_nonfinite", "samples overflow when resampled (values near the float limit)")
     if cfg.clip_seconds > 0:
         n = int(round(cfg.clip_seconds * cfg.sample_rate))
         if mono.shape[0] > n:

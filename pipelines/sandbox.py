@@ -19,6 +19,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +32,32 @@ START_TIMEOUT = 300.0  # seconds for a child to import its libraries (a cold dis
 
 
 def _write_frame(f, data: bytes) -> None:
-    f.write(_LEN.pack(len(data)))
-    f.write(data)
+    view = memoryview(_LEN.pack(len(data)) + data)
+    while view:  # a raw pipe may take part of it
+        written = f.write(view)
+        view = view[written if written is not None else 0 :]
     f.flush()
 
 
 def _read_frame(f) -> bytes | None:
-    head = f.read(_LEN.size)
-    if len(head) < _LEN.size:
+    head = _read_exact(f, _LEN.size)
+    if head is None:
         return None
     (size,) = _LEN.unpack(head)
-    data = f.read(size)
-    return data if len(data) == size else None
+    return _read_exact(f, size)
+
+
+def _read_exact(f, size: int) -> bytes | None:
+    """`size` bytes from a file (buffered or a raw pipe, which returns what is there), None at
+    end of file."""
+    chunks, got = [], 0
+    while got < size:
+        chunk = f.read(size - got)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
 
 
 class Sandbox:
@@ -56,7 +71,8 @@ class Sandbox:
     def _start(self) -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen(  # noqa: S603 - our own module, same interpreter
-            [sys.executable, "-m", "pipelines.sandbox"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+            [sys.executable, "-m", "pipelines.sandbox"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+            bufsize=0,  # raw pipes: select() sees every byte the child sent (no read-ahead buffer)
         )
         _write_frame(self.proc.stdin, pickle.dumps(self.cfg))
         if not select.select([self.proc.stdout], [], [], START_TIMEOUT)[0] or _read_frame(self.proc.stdout) != b"ready":
@@ -64,18 +80,39 @@ class Sandbox:
             raise RuntimeError("the row-processing child process did not start (see its error above)")
 
     def run(self, row: RawRow, loaded: dict[str, Any], name: str) -> bytes | RecordError:
-        if self.proc is None or self.proc.poll() is not None:
-            self._start()
-        proc = self.proc
+        return self.run_many([(row, loaded, name)])[0]
+
+    def run_many(self, items: list[tuple[RawRow, dict[str, Any], str]]) -> list[bytes | RecordError]:
+        """Process rows in order, streamed: a thread feeds the child while its results are read
+        (no round trip per row), and each result must come within row_timeout of the one
+        before. After a timeout or a crash, the rows not done yet go to a fresh child."""
+        out: list[bytes | RecordError] = []
+        while len(out) < len(items):
+            if self.proc is None or self.proc.poll() is not None:
+                self._start()
+            proc, rest = self.proc, items[len(out) :]
+            feeder = threading.Thread(target=self._feed, args=(proc, rest), daemon=True)
+            feeder.start()
+            for _ in rest:
+                if not select.select([proc.stdout], [], [], self.cfg.row_timeout)[0]:
+                    self.close()
+                    out.append(RecordError("timeout", f"processing took longer than prepare.row_timeout={self.cfg.row_timeout:g}s"))
+                    break
+                reply = _read_frame(proc.stdout)
+                if reply is None:
+                    out.append(self._died())
+                    break
+                out.append(reply)
+            feeder.join()
+        return out
+
+    @staticmethod
+    def _feed(proc: subprocess.Popen, items: list) -> None:
         try:
-            _write_frame(proc.stdin, pickle.dumps((row, loaded, name), protocol=pickle.HIGHEST_PROTOCOL))
-        except (BrokenPipeError, OSError):
-            return self._died()
-        if not select.select([proc.stdout], [], [], self.cfg.row_timeout)[0]:
-            self.close()
-            return RecordError("timeout", f"processing took longer than prepare.row_timeout={self.cfg.row_timeout:g}s")
-        reply = _read_frame(proc.stdout)
-        return self._died() if reply is None else reply
+            for item in items:
+                _write_frame(proc.stdin, pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL))
+        except (BrokenPipeError, OSError, ValueError):
+            pass  # the child was stopped (timeout) or died: the reader reports it
 
     def _died(self) -> RecordError:
         code = self.proc.wait() if self.proc is not None else None

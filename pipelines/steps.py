@@ -16,10 +16,11 @@ from mmprep.records import RawRow, RecordError, Reject, Sample, reject
 from pipelines.progress import WorkerCount
 from pipelines.read import Range, load_media, read_range
 from pipelines.sandbox import Sandbox
+from pipelines.staging import Store
 
 # rejects that depend on the machine or its load, not on the row: never cached
 UNCACHED = ("processing_error", "timeout", "out_of_memory")
-from pipelines.staging import Store
+BATCH_ROWS, BATCH_BYTES = 256, 64 << 20  # rows processed per batch: media held at most this much
 
 
 def counted(rej: Reject) -> Reject:
@@ -65,12 +66,6 @@ class Kept(NamedTuple):
     size: int  # upper bound of the bytes the sample adds to a shard
 
 
-def light(s: Sample, entry: str, summary: dict) -> Kept:
-    """A kept row's light record, from its sample and `staged.summary`."""
-    links = tuple(tuple(link) for link in summary["links"])
-    return Kept(s.key, s.id, s.order, s.source, s.label, entry, summary["signature"], links, s.phash, s.text, summary["size"])
-
-
 def limit_threads() -> None:
     """One thread per worker process for BLAS/OpenMP and OpenCV: Beam runs one worker per
     core, and numerical libraries' own threads then only contend with each other."""
@@ -111,22 +106,37 @@ class ProcessRangeFn(beam.DoFn):
         from pipelines.files import join, put, table_bytes
         from pipelines.plan import INDEX_SCHEMA, index_row
 
-        results, staged = [], []
+        results: list = []
+        staged: list[tuple[str, bytes]] = []
+        todo: list[tuple[int, RawRow, dict, str]] = []  # rows to process: (position, row, media, entry name)
+        todo_bytes = 0
         self.memo = []  # (stat key, content sha256) of media files read in this range
         for row in read_range(rng):
             self.rows.inc()
-            result = row if isinstance(row, Reject) else self.process_row(row, staged)
-            self.progress.add()
-            if isinstance(result, Reject):
-                counted(result)
+            result = row if isinstance(row, Reject) else self.look_up(row)
+            if not isinstance(result, Kept | Reject):  # not cached: processed in batches (bounded in rows and bytes)
+                todo.append((len(results), *result))
+                todo_bytes += sum(len(v) for v in result[1].values() if isinstance(v, bytes | str))
+                results.append(None)
+                if len(todo) >= BATCH_ROWS or todo_bytes >= BATCH_BYTES:
+                    self.process_rows(todo, results, staged)
+                    todo, todo_bytes = [], 0
             else:
-                self.kept.inc()
-            results.append(result)
+                self.done(result)
+                results.append(result)
+        self.process_rows(todo, results, staged)
         locations = self.store.write_pack(staged, self.memo)  # the new entries of this range: one file
         rows = [index_row(r if isinstance(r, Reject) or ":" in r.entry else r._replace(entry=locations[r.entry])) for r in results]
         part = join(self.work, "index", f"{rng.order:012d}.parquet")
         put(part, table_bytes(rows, INDEX_SCHEMA))
         yield {"part": part, "rows": len(rows)}
+
+    def done(self, result: Kept | Reject) -> None:
+        self.progress.add()
+        if isinstance(result, Reject):
+            counted(result)
+        else:
+            self.kept.inc()
 
     def finish_bundle(self) -> None:
         self.progress.flush()
@@ -136,9 +146,9 @@ class ProcessRangeFn(beam.DoFn):
         if self.sandbox is not None:
             self.sandbox.close()
 
-    def process_row(self, row: RawRow, staged_rows: list[tuple[str, bytes]]) -> Kept | Reject:
-        """A row's light record (its `entry` a location when reused, else its name, the bytes
-        appended to `staged_rows`) or its Reject."""
+    def look_up(self, row: RawRow) -> Kept | Reject | tuple[RawRow, dict, str]:
+        """A row's cached light record (its `entry` a location), or what processing it needs:
+        (row, its loaded media, its entry name)."""
         from mmprep import staged
 
         paths = {m: p for m, p in (("image", row.image), ("audio", row.audio), ("text", row.text_path)) if p is not None}
@@ -162,28 +172,44 @@ class ProcessRangeFn(beam.DoFn):
         self.memo.extend((k, media[m]) for m, k in stats.items() if k and isinstance(loaded.get(m), bytes))
         name = staged.entry_name(self.context, row, media)
         found = self.reuse_entry(row, name) if self.reuse else None
-        if found is not None:
+        return found if found is not None else (row, loaded, name)
+
+    def process_rows(self, todo: list[tuple[int, RawRow, dict, str]], results: list, staged_rows: list[tuple[str, bytes]]) -> None:
+        """Process rows (in the child process, streamed; or here with row_timeout 0) and put
+        their light records or rejects at their positions; new entries go to `staged_rows`."""
+        if not todo:
+            return
+        items = [(row, loaded, name) for _, row, loaded, name in todo]
+        outputs = self.sandbox.run_many(items) if self.sandbox is not None else [self.process_here(*item) for item in items]
+        for (position, row, _, name), data in zip(todo, outputs, strict=True):
+            self.fresh.inc()
+            results[position] = result = self.light_record(row, name, data, staged_rows)
+            self.done(result)
+
+    def light_record(self, row: RawRow, name: str, data: bytes | RecordError, staged_rows: list[tuple[str, bytes]]) -> Kept | Reject:
+        from mmprep import staged
+
+        if isinstance(data, RecordError):
+            return reject(row, data)
+        found = staged.peek(data, name, row.id, row.source, row.order, self.cfg.text.max_tokens)
+        if isinstance(found, Reject):
+            if found.reason not in UNCACHED:
+                staged_rows.append((name, data))
             return found
-        self.fresh.inc()
-        if self.sandbox is not None:  # a child process: bounded time and memory, a crash costs this row
-            data = self.sandbox.run(row, loaded, name)
-            if isinstance(data, RecordError):
-                return reject(row, data)
-            found = staged.peek(data, name, row.id, row.source, row.order, self.cfg.text.max_tokens)
-            if isinstance(found, Reject):
-                if found.reason not in UNCACHED:
-                    staged_rows.append((name, data))
-                return found
-            staged_rows.append((name, data))
-            return Kept(*found[:5], name, *found[5:])
+        staged_rows.append((name, data))
+        return Kept(*found[:5], name, *found[5:])
+
+    def process_here(self, row: RawRow, loaded: dict, name: str) -> bytes | RecordError:
+        """`process_row` in this process (prepare.row_timeout 0): the entry's bytes."""
+        from mmprep import staged
+
         try:
             result = process_row(row, loaded, self.cfg)
         except Exception as err:  # noqa: BLE001 - one exotic file must not stop a million-row job:
             # it becomes a counted, visible reject (and the run fails past max_reject_ratio); not cached
-            return reject(row, RecordError("processing_error", f"{type(err).__name__}: {err}"))
+            return RecordError("processing_error", f"{type(err).__name__}: {err}")
         summ = None if isinstance(result, Reject) else staged.summary(result, self.cfg.text.max_tokens)
-        staged_rows.append((name, staged.encode(result, name, summ)))
-        return result if isinstance(result, Reject) else light(result, name, summ)
+        return staged.encode(result, name, summ)
 
     def reuse_entry(self, row: RawRow, name: str) -> Kept | Reject | None:
         from mmprep import staged

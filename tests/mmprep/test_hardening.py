@@ -149,3 +149,55 @@ def test_reject_details_hold_nothing_that_differs_between_runs():
     err = RecordError("processing_error", f"TypeError: bad {object()!r} in {'y' * 2000}")
     detail = reject(row, err).detail
     assert "0x…" in detail and not any(c.isdigit() for c in detail.split("0x")[1][:8]) and len(detail) <= 500
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("kind", ["jpeg", "png-rgba", "png-16bit-gray", "webp-rgba"])
+def test_files_written_by_pillow_turn_as_pillow_turns_them(kind, orientation, tmp_path):
+    """Real files from another library (Pillow writes the EXIF block the way cameras and
+    editors do): our pixels match Pillow's own `exif_transpose`."""
+    pil = pytest.importorskip("PIL.Image")
+    from PIL import ImageOps
+
+    rgb = marked()[:, :, ::-1]  # RGB for Pillow
+    exif = pil.Exif()
+    exif[0x0112] = orientation
+    if kind == "png-16bit-gray":
+        gray = cv2.cvtColor(marked(), cv2.COLOR_BGR2GRAY).astype(np.uint16) * 257
+        image = pil.fromarray(gray, mode="I;16")
+    elif kind == "jpeg":
+        image = pil.fromarray(np.ascontiguousarray(rgb))
+    else:
+        image = pil.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]), mode="RGBA")
+    fmt = {"jpeg": "JPEG", "png-rgba": "PNG", "png-16bit-gray": "PNG", "webp-rgba": "WEBP"}[kind]
+    path = tmp_path / f"x.{fmt.lower()}"
+    image.save(path, format=fmt, exif=exif, **({"quality": 98} if fmt == "JPEG" else {"lossless": True} if fmt == "WEBP" else {}))
+    ours, meta = decode_image(path.read_bytes(), CFG)
+    with pil.open(path) as reopened:
+        turned = ImageOps.exif_transpose(reopened)
+        # 16-bit grey: the top 8 bits (Pillow's own conversion to "L" clips instead of scaling)
+        want = (np.asarray(turned).astype(np.uint16) >> 8).astype(np.uint8) if "gray" in kind else np.asarray(turned.convert("RGB"))
+    got = cv2.cvtColor(ours, cv2.COLOR_RGB2GRAY) if "gray" in kind else ours
+    assert got.shape[:2] == want.shape[:2]
+    assert np.abs(got.astype(int) - want).mean() < 3
+    assert meta["bit_depth"] == (16 if "16bit" in kind else 8)
+
+
+@pytest.mark.parametrize("rate", [16000, 44100])
+def test_float_audio_at_the_edge_of_float32_is_a_reason_not_an_error(rate):
+    import io
+
+    import soundfile as sf
+
+    from mmprep.audio import process_audio
+    from mmprep.config import AudioConfig
+
+    wave = (np.sin(np.arange(rate) / 3) * 3.0e38).astype(np.float32)
+    buf = io.BytesIO()
+    sf.write(buf, wave, rate, format="WAV", subtype="FLOAT")
+    try:
+        features = process_audio(buf.getvalue(), AudioConfig()).features
+    except RecordError as err:
+        assert err.reason == "audio_nonfinite"
+    else:
+        assert np.isfinite(features.astype(np.float32)).all()

@@ -16,8 +16,9 @@ def test_an_unexpected_error_becomes_a_processing_error_reject(monkeypatch, tmp_
     cfg = replace(PrepareConfig(), row_timeout=0)
     fn = steps.ProcessRangeFn(cfg, str(tmp_path / "cache"), reuse=True, work=str(tmp_path / "work"))
     fn.setup()
-    staged = []
-    out = fn.process_row(RawRow(source="m.jsonl:1", order=0, id="x", text="hello"), staged)
+    staged, results = [], [None]
+    fn.process_rows([(0, *fn.look_up(RawRow(source="m.jsonl:1", order=0, id="x", text="hello")))], results, staged)
+    out = results[0]
     assert isinstance(out, Reject)  # Separate routes it to the rejects by type
     assert (out.reason, out.stage, out.detail) == ("processing_error", "process", "MemoryError: decoder blew up")
     assert staged == []  # an unexpected error is never cached: the next run tries again
