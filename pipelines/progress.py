@@ -51,15 +51,40 @@ def line(done: int, total: int, rate: float | None) -> str:
 _WINDOW = 30.0
 
 
-class WorkerCount:
-    """A worker's finished-row count, published to `directory` at most once a second."""
+def driver_token() -> tuple[str, int, str]:
+    """Who the driver is: (host, pid, the process's start time), taken in the driver."""
+    return socket.gethostname(), os.getpid(), _start_time(os.getpid())
 
-    def __init__(self, directory: str | None, total: int) -> None:
+
+def _start_time(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def driver_gone(token: tuple[str, int, str] | None) -> bool:
+    """True when the driver ran on this machine and is dead (killed: its worker processes
+    are orphans). Unknowable across machines: False there."""
+    if not token or token[0] != socket.gethostname() or not token[2]:
+        return False
+    return _start_time(token[1]) != token[2]
+
+
+class WorkerCount:
+    """A worker's finished-row count, published to `directory` at most once a second — when
+    the driver (on this machine) has died meanwhile, the worker process stops itself: the
+    local runner hands a worker all its share of a stage at once, which an orphan would go on
+    processing for minutes."""
+
+    def __init__(self, directory: str | None, total: int, driver: tuple[str, int, str] | None = None) -> None:
         self.shared = bool(directory) and os.path.isdir(directory)
         name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.path = os.path.join(directory, name) if self.shared else ""
         self.total, self.count, self.last, self.next_print = total, 0, 0.0, 0.0
         self.window = Window(_WINDOW)
+        self.driver = driver
 
     def add(self, n: int = 1) -> None:
         self.count += n
@@ -67,6 +92,9 @@ class WorkerCount:
         if now - self.last < 1.0:
             return
         self.last = now
+        if driver_gone(self.driver):
+            print("[mmprep prepare] the driver process is gone (killed?): this worker stops", file=sys.stderr, flush=True)
+            os._exit(3)
         if self.shared:
             tmp = f"{self.path}.tmp"
             with open(tmp, "w") as f:

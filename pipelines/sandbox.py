@@ -157,6 +157,11 @@ def _serve() -> None:
     cfg: PrepareConfig = pickle.loads(_read_frame(stdin))  # noqa: S301 - from our own parent
     limit_threads()
     cap = sys.platform == "linux" and cfg.row_memory_mb > 0
+    # decoders print their complaints about hostile files to stderr (libpng, libjpeg: "Corrupt
+    # JPEG data ..."), thousands of lines on a dirty corpus; the row's reject detail says what
+    # went wrong, so from here on the child's stderr is dropped
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
     _write_frame(stdout, b"ready")
     while (frame := _read_frame(stdin)) is not None:
         row, loaded, name = pickle.loads(frame)  # noqa: S301 - from our own parent
@@ -181,6 +186,18 @@ def _serve() -> None:
         _write_frame(stdout, staged.encode(result, name, summ))
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this child when the worker that started it dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when a child stops
+    if sys.platform == "linux":
+        _die_with_parent()
     _serve()

@@ -85,7 +85,10 @@ class ProcessRangeFn(beam.DoFn):
 
     def __init__(self, cfg: PrepareConfig, store: str, reuse: bool, work: str, progress: str | None = None, total: int = 0,
                  run: str = "") -> None:
+        from pipelines.progress import driver_token
+
         self.cfg, self.store_root, self.reuse, self.work, self.run = cfg, store, reuse, work, run
+        self.driver = driver_token()  # built in the driver: workers stop when it dies
         self.progress_dir, self.total = progress, total
         self.rows = Metrics.counter("read", "rows")
         self.kept = Metrics.counter("process", "kept")
@@ -98,7 +101,7 @@ class ProcessRangeFn(beam.DoFn):
         limit_threads()
         self.context = context_digest(self.cfg)
         self.store = Store(self.store_root, self.context, self.run)
-        self.progress = WorkerCount(self.progress_dir, self.total)
+        self.progress = WorkerCount(self.progress_dir, self.total, self.driver)
         self.memo: list[tuple[str, str]] = []
         self.sandbox = Sandbox(self.cfg) if self.cfg.row_timeout > 0 else None
 

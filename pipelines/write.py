@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import platform
 import posixpath
 from collections import Counter
@@ -20,6 +21,7 @@ from mmprep.config import PrepareConfig, to_dict
 from mmprep.records import Sample
 from mmprep.shards import SPLITS, dumps_json, sample_members, shard_meta, write_tar
 from pipelines.files import atomic_stream, join, put, read_bytes, read_table, table_bytes
+from pipelines.progress import driver_gone
 from pipelines.staging import Store
 from pipelines.steps import limit_threads, read_staged
 
@@ -70,8 +72,11 @@ class WriteShardFn(beam.DoFn):
     shard's info, counts and (train) normalization moments."""
 
     def __init__(self, out: str, work: str, store: str, cfg: PrepareConfig) -> None:
+        from pipelines.progress import driver_token
+
         self.out, self.work, self.store_root, self.cfg = out, work, store, cfg
         self.written = Metrics.counter("write", "shards")
+        self.driver = driver_token()  # built in the driver: a shard writer stops when it dies
 
     def setup(self) -> None:
         from mmprep.staged import context_digest
@@ -100,7 +105,9 @@ class WriteShardFn(beam.DoFn):
         modalities: Counter = Counter()
 
         def samples():
-            for p in plan:  # sorted by key
+            for i, p in enumerate(plan):  # sorted by key
+                if i % 256 == 0 and driver_gone(self.driver):
+                    os._exit(3)  # an orphan of a killed run: its output would only be debris
                 s = read_staged(self.store, p["entry"], p["id"], p["source"], p["order"])
                 label_id = p["label_id"]
                 tokens = self.tokenizer.encode(s.text, self.cfg.text.max_tokens) if s.text is not None else None
