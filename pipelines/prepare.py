@@ -34,7 +34,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 
 from mmprep.config import PrepareConfig, load_params
 from mmprep.staged import context_digest
-from pipelines import steps
+from pipelines import reaper, steps
 from pipelines.files import join
 from pipelines.plan import PlanFn
 from pipelines.progress import Reporter
@@ -164,6 +164,8 @@ def run(argv: list[str] | None = None) -> int:
     run_id, context = uuid.uuid4().hex[:12], context_digest(cfg)
     sweep_dead_runs(store, context)  # temporary files of killed runs that used this cache
     lock = hold_run(store, context, run_id)
+    local_processes = options.view_as(DirectOptions).direct_running_mode == "multi_processing"
+    watcher = reaper.start() if local_processes else None  # stops our worker processes if this one is killed
     try:
         with Reporter(progress, plan.rows), beam.Pipeline(options=options) as p:
             build(p, plan, out, cfg, store, not args.no_cache, progress, run_id)
@@ -172,6 +174,9 @@ def run(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(progress, ignore_errors=True)
         release_run(lock)
+        if watcher is not None:
+            watcher.terminate()
+            watcher.wait()
     result = p.result
     _clean(out)
     return report(out, cfg, result, time.monotonic() - started)

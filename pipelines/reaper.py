@@ -1,0 +1,80 @@
+"""Stops the local worker processes of a prepare run whose driver was killed.
+
+Beam's local runner starts its SDK worker processes from the driver; when the driver dies by
+SIGKILL, a worker that has not been handed work yet waits for it forever (it keeps retrying
+the dead driver's control channel), and one that has keeps processing its whole share.
+`prepare` starts this watcher (`python -m pipelines.reaper PID`, a session of its own, so a
+signal to the driver's process group does not reach it): it remembers the driver's
+descendants twice a second, and when the driver is gone it kills the ones it saw (checked by
+start time, so a reused pid is left alone), then exits. It exits at once when the driver ends
+normally (the runner has stopped its workers by then).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+
+def _stat(pid: int) -> tuple[int, str] | None:
+    """(parent pid, start time) of a live, non-zombie process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else (int(fields[1]), fields[19])
+
+
+def descendants(root: int) -> dict[int, str]:
+    """pid → start time of every process below `root`."""
+    children: dict[int, list[int]] = {}
+    starts: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            info = _stat(int(entry))
+            if info:
+                children.setdefault(info[0], []).append(int(entry))
+                starts[int(entry)] = info[1]
+    found, frontier = {}, [root]
+    while frontier:
+        for child in children.get(frontier.pop(), []):
+            found[child] = starts[child]
+            frontier.append(child)
+    return found
+
+
+def watch(driver: int, started: str) -> None:
+    seen: dict[int, str] = {}
+    while True:
+        info = _stat(driver)
+        if info is None or info[1] != started:
+            break
+        seen.update((pid, start) for pid, start in descendants(driver).items() if pid != os.getpid())
+        seen = {pid: start for pid, start in seen.items() if (_stat(pid) or (0, ""))[1] == start}
+        time.sleep(0.5)
+    for pid, start in seen.items():
+        if (_stat(pid) or (0, ""))[1] == start:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def start() -> subprocess.Popen | None:
+    """Watch this process (Linux: /proc); None elsewhere."""
+    me = _stat(os.getpid()) if os.path.isdir("/proc") else None
+    if me is None:
+        return None
+    return subprocess.Popen(  # noqa: S603 - our own module, same interpreter
+        [sys.executable, "-m", "pipelines.reaper", str(os.getpid()), me[1]],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(__file__)), os.environ.get("PYTHONPATH")]))},
+    )
+
+
+if __name__ == "__main__":
+    watch(int(sys.argv[1]), sys.argv[2])
