@@ -81,6 +81,8 @@ def plan_input(kind: str, src: str) -> Plan:
     """Cut the input into ranges (at least MIN_RANGES where there are rows enough, at most
     MAX_RANGE_ROWS rows each), reading only what is needed to find row boundaries:
     newlines for JSONL, records for CSV, metadata for Parquet, the listing for a directory."""
+    if kind == "manifest" and src.endswith((".jsonl", ".csv")):
+        _check_encoding(src)
     if kind == "directory":
         plan = _plan_directory(src, PLAN_UNIT)
     elif src.endswith(".jsonl"):
@@ -91,6 +93,21 @@ def plan_input(kind: str, src: str) -> Plan:
         plan = _plan_parquet(src)
     per = min(MAX_RANGE_ROWS, max(1, -(-plan.rows // MIN_RANGES)))
     return Plan(_coalesce(plan.ranges, per), plan.rows)
+
+
+_WIDE = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16", b"\xfe\xff": "UTF-16"}
+
+
+def _check_encoding(path: str) -> None:
+    """A text manifest must be UTF-8 (invalid bytes in a field are that row's reject); one in
+    UTF-16/32 would be every row a reject, so it is a one-line error before any work."""
+    with _open(path) as f:
+        head = f.read(4096)
+    wide = next((name for bom, name in _WIDE.items() if head.startswith(bom)), None)
+    if wide is None and head.count(0) > len(head) // 4:
+        wide = "UTF-16/32 or binary"
+    if wide:
+        raise InputError(f"--input {path}: the manifest looks {wide}-encoded; convert it to UTF-8")
 
 
 def _coalesce(pieces: list[Range], per: int) -> list[Range]:

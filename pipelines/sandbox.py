@@ -117,7 +117,10 @@ class Sandbox:
     def _died(self) -> RecordError:
         code = self.proc.wait() if self.proc is not None else None
         self.proc = None
-        how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit status {code}"
+        if code is not None and code < 0:
+            how = f"signal {signal.Signals(-code).name}" if -code in signal.valid_signals() else f"signal {-code}"
+        else:
+            how = f"exit status {code}"
         return RecordError("processing_error", f"the decoder crashed the row's process ({how})")
 
     def close(self) -> None:

@@ -348,3 +348,12 @@ def test_a_write_failure_mid_run_is_one_line_and_publishes_nothing(tmp_path, cap
     assert code == 1 and len(err) == 1, err
     assert "No space left on device" in err[0] and "WriteShards" in err[0] and "Traceback" not in err[0]
     assert not (out / "dataset.json").exists() and not list(out.glob("*.tmp-*"))
+
+
+def test_a_manifest_in_utf16_is_a_one_line_error(tmp_path, capsys):
+    text = '{"id": "a", "text": "a caption", "label": "x"}\n'
+    for name, data in (("manifest.jsonl", text.encode("utf-16")), ("other.csv", "id,text,label\na,cap,x\n".encode("utf-16-be"))):
+        (tmp_path / name).write_bytes(data)
+        code = prepare_main(["--input", str(tmp_path / name), "--output", str(tmp_path / "out"), "--params", str(PARAMS)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and "encoded; convert it to UTF-8" in err[-1] and err[-1].startswith("mmprep prepare: error: --input")
