@@ -24,7 +24,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 MM = [sys.executable, "-m", "mmprep.cli"]
+
+from pipelines.reaper import descendants, proc_stat  # noqa: E402
 
 
 def digests(out: Path) -> dict[str, str]:
@@ -34,22 +37,6 @@ def digests(out: Path) -> dict[str, str]:
 def prepare(manifest: Path, out: Path, cache: Path, params: Path) -> list[str]:
     return [*MM, "prepare", "--input", str(manifest), "--output", str(out), "--params", str(params), "--workers", "2",
             "--cache", str(cache)]
-
-
-def descendants(pid: int) -> list[int]:
-    found, frontier = [], [pid]
-    while frontier:
-        parent = frontier.pop()
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/stat") as f:
-                        if int(f.read().rsplit(")", 1)[1].split()[1]) == parent:
-                            found.append(int(entry))
-                            frontier.append(int(entry))
-                except (OSError, IndexError, ValueError):
-                    continue
-    return found
 
 
 def debris(out: Path, cache: Path) -> list[str]:
@@ -63,27 +50,19 @@ def debris(out: Path, cache: Path) -> list[str]:
 def trial(manifest: Path, out: Path, cache: Path, params: Path, at: float, reference: dict[str, str]) -> dict:
     proc = subprocess.Popen(prepare(manifest, out, cache, params), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(at)
-    family = descendants(proc.pid)
+    family = list(descendants(proc.pid))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") and _alive(p) for p in family):
+    while time.monotonic() < deadline and any(proc_stat(p) for p in family):
         time.sleep(0.2)
-    lingering = [p for p in family if os.path.exists(f"/proc/{p}") and _alive(p)]
+    lingering = [p for p in family if proc_stat(p)]
     for p in lingering:
         os.kill(p, signal.SIGKILL)
     done = subprocess.run(prepare(manifest, out, cache, params), capture_output=True, text=True)
     same = done.returncode == 0 and digests(out) == reference
     return {"killed_at": at, "rerun_ok": done.returncode == 0, "identical": same, "debris": debris(out, cache),
             "lingering": lingering, "stderr": done.stderr[-500:] if done.returncode else ""}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def setup(tmp: Path, samples: int, params: Path) -> tuple[Path, dict[str, str], float]:

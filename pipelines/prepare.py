@@ -35,7 +35,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 from mmprep.config import PrepareConfig, load_params
 from mmprep.staged import context_digest
 from pipelines import reaper, steps
-from pipelines.files import join
+from pipelines.files import is_local, join
 from pipelines.plan import PlanFn
 from pipelines.progress import Reporter
 from pipelines.read import InputError, Plan, plan_input, resolve_input
@@ -110,7 +110,7 @@ _ONE_THREAD = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NU
 def _clean(out: str) -> None:
     """Leftovers of an earlier (killed) run: the work directory and temporary files."""
     work = join(out, WORK)
-    if FileSystems.get_scheme(work) in (None, "file"):
+    if is_local(work):
         shutil.rmtree(work, ignore_errors=True)  # FileSystems.delete walks it file by file
     elif FileSystems.exists(work):
         FileSystems.delete([work])
@@ -122,7 +122,7 @@ def _clean(out: str) -> None:
 def _check_writable(directory: str, flag: str) -> None:
     """A local staging/cache directory that cannot be written is a one-line error before any
     work (not a Beam traceback from inside a worker)."""
-    if FileSystems.get_scheme(directory) not in (None, "file"):
+    if not is_local(directory):
         return
     try:
         os.makedirs(directory, exist_ok=True)

@@ -57,11 +57,9 @@ def driver_token() -> tuple[str, int, str]:
 
 
 def _start_time(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
+    from pipelines.reaper import proc_stat
+
+    return (proc_stat(pid) or (0, ""))[1]
 
 
 def driver_gone(token: tuple[str, int, str] | None) -> bool:

@@ -19,8 +19,14 @@ import sys
 import time
 
 
-def _stat(pid: int) -> tuple[int, str] | None:
-    """(parent pid, start time) of a live, non-zombie process."""
+def child_env() -> dict[str, str]:
+    """The environment for `python -m pipelines.…` children: this checkout importable."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+
+
+def proc_stat(pid: int) -> tuple[int, str] | None:
+    """(parent pid, start time) of a live, non-zombie process (Linux /proc), else None."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
@@ -35,7 +41,7 @@ def descendants(root: int) -> dict[int, str]:
     starts: dict[int, str] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            info = _stat(int(entry))
+            info = proc_stat(int(entry))
             if info:
                 children.setdefault(info[0], []).append(int(entry))
                 starts[int(entry)] = info[1]
@@ -50,14 +56,14 @@ def descendants(root: int) -> dict[int, str]:
 def watch(driver: int, started: str) -> None:
     seen: dict[int, str] = {}
     while True:
-        info = _stat(driver)
+        info = proc_stat(driver)
         if info is None or info[1] != started:
             break
         seen.update((pid, start) for pid, start in descendants(driver).items() if pid != os.getpid())
-        seen = {pid: start for pid, start in seen.items() if (_stat(pid) or (0, ""))[1] == start}
+        seen = {pid: start for pid, start in seen.items() if (proc_stat(pid) or (0, ""))[1] == start}
         time.sleep(0.5)
     for pid, start in seen.items():
-        if (_stat(pid) or (0, ""))[1] == start:
+        if (proc_stat(pid) or (0, ""))[1] == start:
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
@@ -66,13 +72,13 @@ def watch(driver: int, started: str) -> None:
 
 def start() -> subprocess.Popen | None:
     """Watch this process (Linux: /proc); None elsewhere."""
-    me = _stat(os.getpid()) if os.path.isdir("/proc") else None
+    me = proc_stat(os.getpid()) if os.path.isdir("/proc") else None
     if me is None:
         return None
     return subprocess.Popen(  # noqa: S603 - our own module, same interpreter
         [sys.executable, "-m", "pipelines.reaper", str(os.getpid()), me[1]],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(__file__)), os.environ.get("PYTHONPATH")]))},
+        env=child_env(),
     )
 
 

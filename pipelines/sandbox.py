@@ -20,14 +20,13 @@ import struct
 import subprocess
 import sys
 import threading
-from pathlib import Path
 from typing import Any
 
 from mmprep.config import PrepareConfig
 from mmprep.records import RawRow, RecordError
+from pipelines.reaper import child_env
 
 _LEN = struct.Struct("<Q")
-_ROOT = str(Path(__file__).resolve().parents[1])
 START_TIMEOUT = 300.0  # seconds for a child to import its libraries (a cold disk can be slow)
 
 
@@ -69,9 +68,8 @@ class Sandbox:
         self.proc: subprocess.Popen | None = None
 
     def _start(self) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen(  # noqa: S603 - our own module, same interpreter
-            [sys.executable, "-m", "pipelines.sandbox"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+            [sys.executable, "-m", "pipelines.sandbox"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_env(),
             bufsize=0,  # raw pipes: select() sees every byte the child sent (no read-ahead buffer)
         )
         _write_frame(self.proc.stdin, pickle.dumps(self.cfg))

@@ -20,7 +20,12 @@ import posixpath
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.files import join, put
+from pipelines.files import is_local, join, put
+
+
+def rows_dir(store_root: str, context: str) -> str:
+    """The store's directory for one params digest."""
+    return join(store_root, f"rows-{context[:16]}")
 
 
 def default_cache() -> str:
@@ -36,9 +41,9 @@ def hold_run(store_root: str, context: str, run: str):
     (the open file returned) until the run ends or its process dies. None for remote stores."""
     import fcntl
 
-    directory = os.path.join(store_root, f"rows-{context[:16]}")
-    if FileSystems.get_scheme(store_root) not in (None, "file"):
+    if not is_local(store_root):
         return None
+    directory = rows_dir(store_root, context)
     os.makedirs(directory, exist_ok=True)
     lock = open(os.path.join(directory, f".run-{run}.lock"), "w")  # noqa: SIM115 - held for the run
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -58,8 +63,8 @@ def sweep_dead_runs(store_root: str, context: str) -> int:
     import fcntl
     import glob
 
-    directory = os.path.join(store_root, f"rows-{context[:16]}")
-    if FileSystems.get_scheme(store_root) not in (None, "file") or not os.path.isdir(directory):
+    directory = rows_dir(store_root, context)
+    if not is_local(store_root) or not os.path.isdir(directory):
         return 0
     removed = 0
     for path in glob.glob(os.path.join(directory, ".run-*.lock")):
@@ -90,9 +95,9 @@ class Store:
     pack or a prefix collision is a miss, never a wrong hit."""
 
     def __init__(self, root: str, context: str, run: str = "") -> None:
-        self.dir = join(root, f"rows-{context[:16]}")
+        self.dir = rows_dir(root, context)
         self.run = run  # tags this run's temporary files (see sweep_dead_runs)
-        self.local = FileSystems.get_scheme(root) in (None, "file")
+        self.local = is_local(root)
         self._index: tuple | None = None
         self._files: dict[str, object] = {}
 
