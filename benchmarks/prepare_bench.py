@@ -87,7 +87,7 @@ _STATE: dict = {}
 def _init(params: str, model: bytes) -> None:
     from mmprep.config import load_params
     from mmprep.tokenizer import Tokenizer
-    from pipelines.steps import limit_threads
+    from mmprep.process import limit_threads
 
     limit_threads()
     _STATE["cfg"] = load_params(params).prepare

@@ -29,6 +29,16 @@ class _Parts:
     hashes: dict[str, str] = field(default_factory=dict)
 
 
+def limit_threads() -> None:
+    """One thread per worker process for BLAS/OpenMP and OpenCV: Beam runs one worker per
+    core, and numerical libraries' own threads then only contend with each other."""
+    import cv2
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+    cv2.setNumThreads(1)
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

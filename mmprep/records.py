@@ -122,9 +122,12 @@ class Reject:
         }
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def has_surrogates(text: str) -> bool:
     """Invalid UTF-8 read with errors="surrogateescape" shows up as lone surrogates."""
-    return any(0xD800 <= ord(ch) <= 0xDFFF for ch in text)
+    return not text.isascii() and _SURROGATE.search(text) is not None
 
 
 def printable(text: str | None) -> str | None:

@@ -91,6 +91,8 @@ def _octal(value: int, width: int) -> bytes:
 
 _HEAD = (_octal(0o444, 8) + _octal(0, 8) + _octal(0, 8), _octal(MTIME, 12))
 _TAIL = b"0" + bytes(100) + b"ustar\x0000" + bytes(32) + bytes(32) + bytes(8) + bytes(8) + bytes(155)
+_PAD = bytes(512 - 100 - len(_HEAD[0]) - 12 - len(_HEAD[1]) - 8 - len(_TAIL))
+_FIXED_SUM = sum(_HEAD[0]) + sum(_HEAD[1]) + 8 * ord(" ") + sum(_TAIL)
 
 
 def _header(name: str, size: int) -> bytes:
@@ -99,10 +101,9 @@ def _header(name: str, size: int) -> bytes:
     raw = name.encode("utf-8")
     if len(raw) > 100 or size >= 8**11:
         raise ValueError(f"tar member {name!r} of {size} bytes does not fit a ustar header")
-    block = raw + bytes(100 - len(raw)) + _HEAD[0] + _octal(size, 12) + _HEAD[1] + b"        " + _TAIL
-    block += bytes(512 - len(block))
-    checksum = sum(block)
-    return block[:148] + b"%06o\0 " % checksum + block[156:]
+    octal = _octal(size, 12)
+    checksum = _FIXED_SUM + sum(raw) + sum(octal)  # the checksum field counts as 8 spaces
+    return b"".join((raw, bytes(100 - len(raw)), _HEAD[0], octal, _HEAD[1], b"%06o\0 " % checksum, _TAIL, _PAD))
 
 
 class _Hashing:
@@ -129,11 +130,13 @@ def write_tar(f, samples: Iterable[tuple[str, dict[str, bytes]]]) -> tuple[str, 
     per member, two zero blocks, the whole padded to tarfile's 10240-byte records."""
     sink = _Hashing(f)
     for key, members in samples:
+        chunks = []  # one write per sample
         for fld in sorted(members):
             if fld not in FIELDS:
                 raise ValueError(f"shard member field {fld!r} is not allowed")
             data = members[fld]
-            sink.write(b"".join((_header(f"{key}.{fld}", len(data)), data, bytes(-len(data) % 512))))
+            chunks += (_header(f"{key}.{fld}", len(data)), data, bytes(-len(data) % 512))
+        sink.write(b"".join(chunks))
     sink.write(bytes(1024))
     if sink.size % 10240:
         sink.write(bytes(10240 - sink.size % 10240))

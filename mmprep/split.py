@@ -94,7 +94,9 @@ def _link_exact(links: dict[str, list[str | int | None]], cfg: PrepareConfig, uf
 
 def _link_phash(phashes: Sequence[int | None], cfg: PrepareConfig, uf: _UnionFind, ignored: list[dict]) -> None:
     """Multi-index hashing: with d+1 bands, two hashes within d bits agree on some band;
-    candidates in a band bucket are compared all-pairs with numpy popcounts."""
+    the hashes sharing a band value (a bucket) are compared pairwise with numpy popcounts,
+    all buckets of a band at once: step k compares each hash with the k-th next one in its
+    bucket (sorted by band value, then by position)."""
     if "image" not in cfg.link_modalities:
         return
     d = cfg.phash_distance
@@ -102,24 +104,31 @@ def _link_phash(phashes: Sequence[int | None], cfg: PrepareConfig, uf: _UnionFin
     hashes = np.array([phashes[i] for i in index], dtype=np.uint64)
     bands = d + 1
     width = 64 // bands
-    pairs: set[tuple[int, int, int]] = set()
+    found = [np.empty((0, 3), dtype=np.int64)]  # (distance, sample, sample) with sample < sample
     for band in range(bands):
         shift = band * width
         bits = 64 - shift if band == bands - 1 else width
         values = (hashes >> np.uint64(shift)) & np.uint64((1 << bits) - 1)
         order = np.argsort(values, kind="stable")
-        cuts = np.flatnonzero(np.diff(values[order])) + 1
-        for bucket in np.split(order, cuts):
-            if len(bucket) < 2:
-                continue
-            if len(bucket) > 64 * uf.cap:  # a degenerate band value (e.g. blank images)
-                ignored.append({"modality": "image_phash_band", "hash": f"{band}", "samples": len(bucket), "why": "shared too widely"})
-                continue
-            h = hashes[bucket]
-            dist = np.bitwise_count(h[:, None] ^ h[None, :])
-            for a, b in zip(*np.nonzero(np.triu(dist <= d, 1)), strict=True):
-                pairs.add((int(dist[a, b]), int(index[bucket[a]]), int(index[bucket[b]])))
-    refused = [(dist, i, j) for dist, i, j in sorted(pairs) if not uf.union(i, j)]  # closest pairs first
+        starts = np.flatnonzero(np.r_[True, values[order][1:] != values[order][:-1]]) if len(order) else order
+        lengths = np.diff(np.r_[starts, len(order)])
+        for s in np.flatnonzero(lengths > 64 * uf.cap):  # a degenerate band value (e.g. blank images)
+            ignored.append({"modality": "image_phash_band", "hash": f"{band}", "samples": int(lengths[s]), "why": "shared too widely"})
+        usable = np.repeat(lengths <= 64 * uf.cap, lengths)
+        # how many later members of its bucket each position has
+        later = np.repeat(starts + lengths, lengths) - np.arange(len(order)) - 1
+        active = np.flatnonzero(usable & (later > 0))
+        k = 1
+        while len(active):
+            a, b = order[active], order[active + k]
+            dist = np.bitwise_count(hashes[a] ^ hashes[b]).astype(np.int64)
+            near = dist <= d
+            if near.any():
+                found.append(np.stack([dist[near], index[a[near]], index[b[near]]], axis=1))
+            k += 1
+            active = active[later[active] >= k]
+    pairs = np.unique(np.concatenate(found), axis=0)  # sorted: closest pairs first
+    refused = [(dist, i, j) for dist, i, j in pairs.tolist() if not uf.union(i, j)]
     if refused:
         ignored.append({"modality": "image_phash", "hash": "", "samples": len(refused), "why": "neighbour links refused: they would glue a too-large group"})
 

@@ -103,7 +103,7 @@ def build(p: beam.Pipeline, plan: Plan, out: str, cfg: PrepareConfig, store: str
     )
 
 
-# numerical libraries in Beam's worker processes: one thread each (see steps.limit_threads)
+# numerical libraries in Beam's worker processes: one thread each (see mmprep.process.limit_threads)
 _ONE_THREAD = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 

@@ -151,7 +151,7 @@ def _serve() -> None:
     from mmprep import staged
     from mmprep.process import process_row
     from mmprep.records import Reject, reject
-    from pipelines.steps import limit_threads
+    from mmprep.process import limit_threads
 
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # a library's print must not corrupt the frames

@@ -11,7 +11,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from mmprep.config import PrepareConfig
-from mmprep.process import process_row
+from mmprep.process import limit_threads, process_row
 from mmprep.records import RawRow, RecordError, Reject, Sample, reject
 from pipelines.progress import WorkerCount
 from pipelines.read import Range, load_media, read_range
@@ -64,16 +64,6 @@ class Kept(NamedTuple):
     phash: int | None
     text: str | None  # the normalized text (≤ text.max_chars): the tokenizer's sample is drawn from these
     size: int  # upper bound of the bytes the sample adds to a shard
-
-
-def limit_threads() -> None:
-    """One thread per worker process for BLAS/OpenMP and OpenCV: Beam runs one worker per
-    core, and numerical libraries' own threads then only contend with each other."""
-    import cv2
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(1)
-    cv2.setNumThreads(1)
 
 
 class ProcessRangeFn(beam.DoFn):

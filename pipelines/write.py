@@ -23,7 +23,8 @@ from mmprep.shards import SPLITS, dumps_json, sample_members, shard_meta, write_
 from pipelines.files import atomic_stream, join, put, read_bytes, read_table, table_bytes
 from pipelines.progress import driver_gone
 from pipelines.staging import Store
-from pipelines.steps import limit_threads, read_staged
+from mmprep.process import limit_threads
+from pipelines.steps import read_staged
 
 MANIFEST_SCHEMA = pa.schema(
     [
