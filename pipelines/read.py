@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import posixpath
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -285,7 +286,7 @@ def _read_bytes(path: str, max_bytes: int) -> bytes | RecordError:
     if "://" not in path:
         try:
             with open(path, "rb") as f:
-                data = f.read(max_bytes + 1)
+                data = _read_local(f, max_bytes)
         except FileNotFoundError:
             return RecordError("missing_file", path)
         except (OSError, ValueError) as err:
@@ -299,6 +300,18 @@ def _read_bytes(path: str, max_bytes: int) -> bytes | RecordError:
     except (OSError, ValueError, beam.io.filesystem.BeamIOError) as err:
         return RecordError("unreadable_file", f"{path}: {err}")
     return _checked(path, data, max_bytes)
+
+
+def _read_local(f, max_bytes: int) -> bytes:
+    """At most max_bytes + 1 bytes of an open local file. Asking for the file's size (+1)
+    first: read(max_bytes + 1) allocates that much before reading (~50 µs per file at the
+    default 256 MB). A file that grew after fstat, or reports no size (a pipe, /proc), is read
+    on up to the bound."""
+    size = os.fstat(f.fileno()).st_size
+    data = f.read(min(size, max_bytes) + 1)
+    if len(data) > size:
+        data += f.read(max_bytes + 1 - len(data))
+    return data
 
 
 def _checked(path: str, data: bytes, max_bytes: int) -> bytes | RecordError:
