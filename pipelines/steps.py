@@ -20,7 +20,10 @@ from pipelines.staging import Store
 
 # rejects that depend on the machine or its load, not on the row: never cached
 UNCACHED = ("processing_error", "timeout", "out_of_memory")
-BATCH_ROWS, BATCH_BYTES = 256, 64 << 20  # rows processed per batch: media held at most this much
+# rows sent to the child per batch, media held at most this much per batch (two batches at a
+# time: one in the child, the next being read); small batches keep the child busy while the
+# worker reads the next rows, also in the small input ranges of a small corpus
+BATCH_ROWS, BATCH_BYTES = 16, 32 << 20
 
 
 def counted(rej: Reject) -> Reject:
@@ -94,6 +97,7 @@ class ProcessRangeFn(beam.DoFn):
         self.progress = WorkerCount(self.progress_dir, self.total, self.driver)
         self.memo: list[tuple[str, str]] = []
         self.sandbox = Sandbox(self.cfg) if self.cfg.row_timeout > 0 else None
+        self.pool = None  # one thread that runs a batch in the child (see submit)
 
     def process(self, rng: Range):
         from pipelines.files import join, put, table_bytes
@@ -103,6 +107,7 @@ class ProcessRangeFn(beam.DoFn):
         staged: list[tuple[str, bytes]] = []
         todo: list[tuple[int, RawRow, dict, str]] = []  # rows to process: (position, row, media, entry name)
         todo_bytes = 0
+        running = None  # the batch in the child while this thread reads and looks up the next one
         self.memo = []  # (stat key, content sha256) of media files read in this range
         for row in read_range(rng):
             self.rows.inc()
@@ -112,11 +117,13 @@ class ProcessRangeFn(beam.DoFn):
                 todo_bytes += sum(len(v) for v in result[1].values() if isinstance(v, bytes | str))
                 results.append(None)
                 if len(todo) >= BATCH_ROWS or todo_bytes >= BATCH_BYTES:
-                    self.process_rows(todo, results, staged)
+                    self.collect(running, results, staged)
+                    running = self.submit(todo)
                     todo, todo_bytes = [], 0
             else:
                 self.done(result)
                 results.append(result)
+        self.collect(running, results, staged)
         self.process_rows(todo, results, staged)
         locations = self.store.write_pack(staged, self.memo)  # the new entries of this range: one file
         rows = [index_row(r if isinstance(r, Reject) or ":" in r.entry else r._replace(entry=locations[r.entry])) for r in results]
@@ -136,6 +143,8 @@ class ProcessRangeFn(beam.DoFn):
 
     def teardown(self) -> None:
         self.store.close()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
         if self.sandbox is not None:
             self.sandbox.close()
 
@@ -167,13 +176,33 @@ class ProcessRangeFn(beam.DoFn):
         found = self.reuse_entry(row, name) if self.reuse else None
         return found if found is not None else (row, loaded, name)
 
+    def submit(self, todo: list[tuple[int, RawRow, dict, str]]):
+        """Start processing a batch in the child and return at once (a thread streams it there
+        and reads the results): this thread goes on reading, hashing and looking up the next
+        rows meanwhile. With row_timeout 0 (no child) the batch is processed here, now."""
+        if self.sandbox is None:
+            return todo, [self.process_here(row, loaded, name) for _, row, loaded, name in todo]
+        if self.pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="mmprep-child")
+        return todo, self.pool.submit(self.sandbox.run_many, [(row, loaded, name) for _, row, loaded, name in todo])
+
+    def collect(self, running, results: list, staged_rows: list[tuple[str, bytes]]) -> None:
+        """Wait for a submitted batch; its records and counters are made in this thread (Beam's
+        metrics belong to the bundle's thread)."""
+        if running is None:
+            return
+        todo, outputs = running
+        self.record(todo, outputs if isinstance(outputs, list) else outputs.result(), results, staged_rows)
+
     def process_rows(self, todo: list[tuple[int, RawRow, dict, str]], results: list, staged_rows: list[tuple[str, bytes]]) -> None:
         """Process rows (in the child process, streamed; or here with row_timeout 0) and put
         their light records or rejects at their positions; new entries go to `staged_rows`."""
-        if not todo:
-            return
-        items = [(row, loaded, name) for _, row, loaded, name in todo]
-        outputs = self.sandbox.run_many(items) if self.sandbox is not None else [self.process_here(*item) for item in items]
+        if todo:
+            self.collect(self.submit(todo), results, staged_rows)
+
+    def record(self, todo: list[tuple[int, RawRow, dict, str]], outputs: list, results: list, staged_rows: list[tuple[str, bytes]]) -> None:
         for (position, row, _, name), data in zip(todo, outputs, strict=True):
             self.fresh.inc()
             results[position] = result = self.light_record(row, name, data, staged_rows)
