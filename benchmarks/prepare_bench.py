@@ -86,8 +86,8 @@ _STATE: dict = {}
 
 def _init(params: str, model: bytes) -> None:
     from mmprep.config import load_params
-    from mmprep.tokenizer import Tokenizer
     from mmprep.process import limit_threads
+    from mmprep.tokenizer import Tokenizer
 
     limit_threads()
     _STATE["cfg"] = load_params(params).prepare
@@ -223,6 +223,8 @@ def main() -> None:
             print(f"| bare loop rows/s, {workers} process(es): kernels only / as a program | {best_bare[workers]:.1f} / {best_whole[workers]:.1f} |")
             print(f"| prepare ÷ bare loop, {workers} worker(s): kernels only / as a program | "
                   f"{big / t_b / best_bare[workers]:.2f} / {big / t_b / best_whole[workers]:.2f} |")
+            pairs = ", ".join(f"{big / t / k:.2f}" for (t, _), k in zip(runs[workers], bare[workers], strict=True))
+            print(f"| same, each repeat's adjacent pair (kernels only) | {pairs} |")
         if len(args.workers) > 1:
             lo, hi = min(args.workers), max(args.workers)
             print(f"| throughput {hi} workers ÷ {lo} | {results[('big', lo)][0] / results[('big', hi)][0]:.2f} |")

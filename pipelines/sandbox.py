@@ -149,9 +149,8 @@ def _limit_memory(extra_mb: int | None) -> None:
 
 def _serve() -> None:
     from mmprep import staged
-    from mmprep.process import process_row
+    from mmprep.process import limit_threads, process_row
     from mmprep.records import Reject, reject
-    from mmprep.process import limit_threads
 
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # a library's print must not corrupt the frames

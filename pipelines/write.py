@@ -18,12 +18,12 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from mmprep.config import PrepareConfig, to_dict
+from mmprep.process import limit_threads
 from mmprep.records import Sample
 from mmprep.shards import SPLITS, dumps_json, sample_members, shard_meta, write_tar
 from pipelines.files import atomic_stream, join, put, read_bytes, read_table, table_bytes
 from pipelines.progress import driver_gone
 from pipelines.staging import Store
-from mmprep.process import limit_threads
 from pipelines.steps import read_staged
 
 MANIFEST_SCHEMA = pa.schema(
