@@ -121,6 +121,26 @@ def _verify(argv: list[str]) -> int:
     return 0
 
 
+def _report(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mmprep report",
+        description="Write one self-contained HTML page about a prepared dataset (counts, rejects, distributions, "
+        "a gallery with images, features and audio, duplicates and leakage, the dataset card); opens offline.",
+    )
+    parser.add_argument("--data", required=True, help="prepared dataset directory (mmprep prepare --output)")
+    parser.add_argument("--output", default=None, help="HTML file to write (default DATA/report.html)")
+    parser.add_argument("--training", default=None, help="the training report (mmprep evaluate's HTML) to link, if any")
+    parser.add_argument("--per-label", type=int, default=3, help="gallery samples per label (default 3)")
+    parser.add_argument("--max-labels", type=int, default=24, help="labels shown in the gallery, most frequent first (default 24)")
+    args = parser.parse_args(argv)
+    from mmprep.report import build_report
+
+    path, info = build_report(args.data, args.output, per_label=args.per_label, max_labels=args.max_labels, training=args.training)
+    print(f"report: {info['gallery']} gallery samples, {info['images']} images, {info['audio_clips']} audio clips, "
+          f"{info['bytes'] / 1e6:.1f} MB in {info['seconds']:.1f}s → {path}")
+    return 0
+
+
 COMMANDS = {
     "demo-corpus": _demo_corpus,
     "prepare": _prepare,
@@ -129,6 +149,7 @@ COMMANDS = {
     "predict": _predict,
     "inspect": _inspect,
     "verify": _verify,
+    "report": _report,
 }
 
 

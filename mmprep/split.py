@@ -34,6 +34,7 @@ class SplitResult:
     splits: list[str]  # the split of keys[i]
     groups: int
     ignored_links: list[dict] = field(default_factory=list)
+    group_of: list[str] = field(default_factory=list)  # the group of keys[i]: its smallest key
 
     @property
     def split_of(self) -> dict[str, str]:
@@ -213,4 +214,5 @@ def split_columns(
         start = end
     del by_root
     group_split = _assign_groups(groups, cfg)
-    return SplitResult(keys=keys, splits=[group_split[group_of_root[r]] for r in roots], groups=len(groups), ignored_links=ignored)
+    return SplitResult(keys=keys, splits=[group_split[group_of_root[r]] for r in roots], groups=len(groups), ignored_links=ignored,
+                       group_of=[keys[r] for r in roots])

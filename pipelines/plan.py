@@ -64,6 +64,7 @@ PLAN_SCHEMA = pa.schema(
         ("order", pa.int64()),
         ("entry", pa.string()),
         ("label_id", pa.int32()),
+        ("group", pa.string()),
     ]
 )
 REJECTS_SCHEMA = pa.schema(
@@ -170,7 +171,7 @@ class PlanFn(beam.DoFn):
         kept = kept.sort_by("key")
         keys = kept["key"].to_pylist()
         split = _split(kept, keys, cfg)
-        splits, split.splits, split.keys = split.splits, [], []
+        splits, group_of, split.splits, split.keys, split.group_of = split.splits, split.group_of, [], [], []
         model = self._tokenizer(kept, keys, splits)
         put(join(self.work, "tokenizer.model"), model)
         index = shard_indices(splits, kept["size"].to_pylist(), cfg.shard)
@@ -180,9 +181,10 @@ class PlanFn(beam.DoFn):
         plan = (
             kept.select(["key", "id", "source", "order", "entry"])
             .append_column("label_id", pa.array([label_id.get(x) for x in kept["label"].to_pylist()], pa.int32()))
+            .append_column("group", pa.array(group_of, pa.string()))
             .append_column("shard", pa.array(names, pa.string()))
         )
-        del names, kept
+        del names, kept, group_of
         plan = plan.sort_by([("shard", "ascending"), ("key", "ascending")])
         shard = plan["shard"].to_numpy(zero_copy_only=False)
         starts = [0, *(np.flatnonzero(shard[1:] != shard[:-1]) + 1).tolist(), len(shard)] if len(shard) else []

@@ -38,6 +38,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("has_audio", pa.bool_()),
         ("has_text", pa.bool_()),
         ("source", pa.string()),
+        ("group", pa.string()),
         ("image_sha256", pa.string()),
         ("audio_sha256", pa.string()),
         ("text_sha256", pa.string()),
@@ -49,7 +50,7 @@ VERSIONED = ("mmprep", "apache-beam", "numpy", "opencv-python-headless", "soundf
 WORK = ".mmprep-work"  # inside the output: parts of the tables (and staging with --no-cache); removed at the end
 
 
-def manifest_row(s: Sample, split: str, label_id: int | None, shard: str) -> dict:
+def manifest_row(s: Sample, split: str, label_id: int | None, shard: str, group: str) -> dict:
     return {
         "id": s.id,
         "key": s.key,
@@ -61,6 +62,7 @@ def manifest_row(s: Sample, split: str, label_id: int | None, shard: str) -> dic
         "has_audio": s.mel is not None,
         "has_text": s.text is not None,
         "source": s.source,
+        "group": group,
         "image_sha256": s.hashes.get("image"),
         "audio_sha256": s.hashes.get("audio"),
         "text_sha256": s.hashes.get("text"),
@@ -113,7 +115,7 @@ class WriteShardFn(beam.DoFn):
                 label_id = p["label_id"]
                 tokens = self.tokenizer.encode(s.text, self.cfg.text.max_tokens) if s.text is not None else None
                 meta = shard_meta(s, split, label_id, int(tokens.shape[0]) if tokens is not None else None)
-                rows.append(manifest_row(s, split, label_id, name))
+                rows.append(manifest_row(s, split, label_id, name, p["group"]))
                 labels_seen[s.label if s.label is not None else "<unlabeled>"] += 1
                 for m, present in (("image", s.jpg is not None), ("audio", s.mel is not None), ("text", s.text is not None)):
                     modalities[m] += present

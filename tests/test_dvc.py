@@ -52,6 +52,8 @@ def test_dvc_repro_end_to_end_then_noop(tmp_path):
         metrics = json.loads((repo / "metrics" / "eval.json").read_text())
         assert 0.0 <= metrics["accuracy"] <= 1.0
         assert "accuracy" in dvc(repo, "metrics", "show")
+        report = (repo / "reports" / "dataset.html").read_text()  # the dataset report links the training report
+        assert 'href="../metrics/eval.html"' in report and (repo / "metrics" / "eval.html").exists()
     again = dvc(repo, "repro")
     assert "up to date" in again or "didn't change" in again, again
     assert (repo / "dvclive" / "plots" / "images" / "curves.png").stat().st_size > 1000  # renders offline

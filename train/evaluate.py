@@ -124,11 +124,59 @@ def evaluate(data_dir: str, run_dir: str, output_json: str, cfg: EvaluateConfig)
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=1)
     os.replace(tmp, output_json)
-    plot_confusion(np.array(metrics["confusion_matrix"]), names, os.path.splitext(output_json)[0] + "_confusion.png")
+    base = os.path.splitext(output_json)[0]
+    confusion = plot_confusion(np.array(metrics["confusion_matrix"]), names, base + "_confusion.png")
+    write_html(metrics, run_dir, data_dir, confusion, base + ".html")
     return metrics
 
 
-def plot_confusion(cm: np.ndarray, names: list[str], path: str) -> None:
+def write_html(metrics: dict[str, Any], run_dir: str, data_dir: str, confusion_png: bytes, path: str) -> None:
+    """The training report beside the metrics: headline figures, per-class metrics, the
+    confusion matrix, the modality ablation and presence patterns, the training curves; one
+    self-contained file (images inline, no script), linked from `mmprep report`."""
+    from mmprep.webpage import cards, img, page, table
+
+    headline = cards([("accuracy", f"{metrics['accuracy']:.3f}"), ("macro F1", f"{metrics['macro_f1']:.3f}"),
+                      (f"{metrics['split']} samples scored", metrics["samples"]),
+                      ("unlabeled, skipped", metrics["unlabeled_skipped"])])
+    per_class = table(["label", "precision", "recall", "F1", "support"],
+                      [[n, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}", v["support"]]
+                       for n, v in metrics["per_class"].items()], numeric=(1, 2, 3, 4))
+    ablation_rows = [[name, "—" if v["accuracy"] is None else f"{v['accuracy']:.3f}", v["samples"], v.get("without_modality", "")]
+                     for name, v in metrics["ablation"].items()]
+    presence_rows = [[name, f"{v['accuracy']:.3f}", v["samples"]] for name, v in metrics["by_presence"].items()]
+    curves = os.path.join(run_dir, "curves.png")
+    history = ""
+    if os.path.exists(curves):
+        with open(curves, "rb") as f:
+            history = img("image/png", f.read(), "training curves: train loss and val accuracy per epoch")
+    config = os.path.join(run_dir, "train_config.json")
+    params = ""
+    if os.path.exists(config):
+        with open(config, encoding="utf-8") as f:
+            params = "<pre>" + json.dumps(json.load(f)["train"], indent=1).replace("<", "&lt;") + "</pre>"
+    sections = [
+        ("summary", "Summary", headline),
+        ("per-class", "Per class", per_class),
+        ("confusion", "Confusion matrix", img("image/png", confusion_png, "confusion matrix: true label by predicted label")),
+        ("ablation", "Modality ablation",
+         '<p class="sub">Accuracy with only one modality given to the model (the others masked as absent), and by '
+         "the modalities each sample actually has.</p>"
+         + table(["input", "accuracy", "samples", "without modality"], ablation_rows, numeric=(1, 2, 3))
+         + table(["modalities present", "accuracy", "samples"], presence_rows, numeric=(1, 2))),
+        ("training", "Training", history + params),
+    ]
+    from mmprep.webpage import esc
+
+    subtitle = f"model {esc(os.path.abspath(run_dir))} · data {esc(os.path.abspath(data_dir))} · split {esc(metrics['split'])}"
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(page("mmprep training report", subtitle, sections))
+    os.replace(tmp, path)
+
+
+def plot_confusion(cm: np.ndarray, names: list[str], path: str) -> bytes:
+    """The confusion matrix as a PNG file at `path`; returns its bytes (for the HTML report)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,5 +193,7 @@ def plot_confusion(cm: np.ndarray, names: list[str], path: str) -> None:
             if cm[i, j]:
                 ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=6, color="black")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, metadata={"Software": None})
     plt.close(fig)
+    with open(path, "rb") as f:
+        return f.read()

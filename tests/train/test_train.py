@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -52,6 +53,13 @@ def test_every_fusion_mode_learns_well_above_chance(tiny, tmp_path, fusion):
     history = json.loads((run / "train_config.json").read_text())["history"]
     assert all({"val_image_only", "val_audio_only", "val_text_only"} <= set(h) for h in history)
     assert (tmp_path / "m_confusion.png").stat().st_size > 1000
+    page = (tmp_path / "m.html").read_text()  # the training report beside the metrics: one offline file
+    assert "<script" not in page and all(src.startswith("data:") for src in re.findall(r'src="([^"]+)"', page))
+    assert f"{metrics['accuracy']:.3f}" in page and page.count('alt="confusion matrix') == 1 and 'alt="training curves' in page
+    for label, m in metrics["per_class"].items():
+        assert f"<td>{label}</td><td class=\"n\">{m['precision']:.3f}</td>" in page
+    for name, m in metrics["ablation"].items():
+        assert f"<td>{name}</td><td class=\"n\">{m['accuracy']:.3f}</td>" in page
     for name in ("model.pt", "dataset.json", "train_config.json", "curves.png", "checkpoints/last.pt", "checkpoints/best.pt"):
         assert (run / name).exists(), name
 
