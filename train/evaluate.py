@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -15,6 +17,7 @@ from mmprep.config import EvaluateConfig
 from train import data as D
 from train.data import MODALITIES
 from train.model import FusionModel, Preprocess, build_model
+from train.progress import progress_bar
 
 ABLATIONS = {"image_only": 0, "audio_only": 1, "text_only": 2}
 
@@ -106,7 +109,9 @@ def evaluate(data_dir: str, run_dir: str, output_json: str, cfg: EvaluateConfig)
     urls = D.shard_urls(data_dir, data_spec, cfg.split)
     shapes = D.Shapes.from_spec(spec)
     names = spec["labels"]
-    pred = predictions(model, prep, D.EvalStream(urls, shapes, cfg.batch_size, data_spec.get("shards")), device)
+    total = -(-data_spec["splits"][cfg.split]["samples"] // cfg.batch_size)
+    stream = _shown(D.EvalStream(urls, shapes, cfg.batch_size, data_spec.get("shards")), total, f"[evaluate] {cfg.split}")
+    pred = predictions(model, prep, stream, device)
     labeled = pred["label"] >= 0
     y, p, pattern = pred["label"][labeled], pred["all"][labeled], pred["pattern"][labeled]
     metrics = {"split": cfg.split, "samples": int(len(y)), "unlabeled_skipped": int((~labeled).sum()), **scores(y, p, names)}
@@ -128,6 +133,21 @@ def evaluate(data_dir: str, run_dir: str, output_json: str, cfg: EvaluateConfig)
     confusion = plot_confusion(np.array(metrics["confusion_matrix"]), names, base + "_confusion.png")
     write_html(metrics, run_dir, data_dir, confusion, base + ".html")
     return metrics
+
+
+def _shown(batches, total: int, desc: str):
+    """Batches with progress: a tqdm bar on a terminal, else a plain line every ~10 %."""
+    bar = progress_bar(total, desc, "batch", leave=True)
+    started = time.perf_counter()
+    for i, batch in enumerate(batches, 1):
+        yield batch
+        if bar is not None:
+            bar.update()
+        elif i == total or i % max(1, total // 10) == 0:
+            rate = i / max(1e-9, time.perf_counter() - started)
+            print(f"{desc}: batch {i}/{total} ({rate:.1f} batches/s, ETA {(total - i) / rate:.0f}s)", file=sys.stderr, flush=True)
+    if bar is not None:
+        bar.close()
 
 
 def write_html(metrics: dict[str, Any], run_dir: str, data_dir: str, confusion_png: bytes, path: str) -> None:

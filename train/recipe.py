@@ -29,6 +29,7 @@ from mmprep.config import TrainConfig
 from train import data as D
 from train.evaluate import ablation, predictions
 from train.model import Preprocess, build_model, modality_dropout
+from train.progress import progress_bar
 
 
 class NonFiniteError(FloatingPointError):
@@ -163,6 +164,7 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
         timer = {"wait": 0.0, "start": time.perf_counter(), "samples": 0, "loss": 0.0, "n": 0}
         if skip > 0:  # a resumed epoch's train_loss averages all its batches, as an uninterrupted run's does
             timer["loss"], timer["n"] = partial
+        bar = progress_bar(batches, f"[train] epoch {epoch + 1}/{epochs}", "batch", initial=max(0, skip)) if main else None
         for index in range(batches):
             t0 = time.perf_counter()
             batch = next(it)
@@ -186,13 +188,19 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
             timer["samples"] += batch["label"].shape[0] * world
             timer["loss"] += loss.detach()  # a tensor: no device sync per step
             timer["n"] += 1
-            if main and (step % cfg.log_every == 0 or step == total):
+            if bar is not None:
+                bar.update()
+                if step % cfg.log_every == 0:
+                    bar.set_postfix(loss=f"{float(timer['loss']) / max(1, timer['n']):.4f}", refresh=False)
+            elif main and (step % cfg.log_every == 0 or step == total):
                 _progress(step, total, timer, scheduler.get_last_lr()[0], cuda)
             if step % cfg.checkpoint_every == 0 or step == total:
                 _checkpoint(last_path, model, optimizer, scheduler, step, epoch + (index + 1 == batches), best, world, main,
                             asdict(cfg), history, [float(timer["loss"]), timer["n"]] if index + 1 < batches else [0.0, 0])
             if step >= total:
                 break
+        if bar is not None:
+            bar.close()
         _account(speed, timer, first=epoch == start_epoch, cuda=cuda)
         it = upcoming  # drops this epoch's loader and its (finished) workers
 
