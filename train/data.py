@@ -14,7 +14,7 @@ import random
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -24,6 +24,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
 
 from mmprep.shards import load_npy
+
+if TYPE_CHECKING:
+    import datasets
 
 ALLOWED = {"jpg", "mel.npy", "tokens.npy", "txt", "cls", "json"}
 MODALITIES = ("image", "audio", "text")
@@ -274,19 +277,29 @@ class TrainStream(IterableDataset):
 
     Shards are shuffled with a seeded RNG and dealt to (rank, worker) slots; with fewer
     shards than slots every slot reads all shards and keeps every slots-th sample. A slot
-    cycles its shards until its quota is met, so uneven shards never starve a rank."""
+    cycles its shards until its quota is met, so uneven shards never starve a rank.
+    `skip`: leave out the epoch's first `skip` batches (read, not collated), so a resumed
+    epoch yields exactly what the uninterrupted one would from there on."""
 
     def __init__(self, urls: list[str], shapes: Shapes, batch_size: int, batches: int, seed: int, epoch: int,
-                 rank: int = 0, world: int = 1, buffer: int = 1000, index: dict[str, dict] | None = None) -> None:
+                 rank: int = 0, world: int = 1, buffer: int = 1000, index: dict[str, dict] | None = None,
+                 skip: int = 0) -> None:
         self.urls, self.shapes, self.batch_size, self.batches = urls, shapes, batch_size, batches
         self.seed, self.epoch, self.rank, self.world, self.buffer = seed, epoch, rank, world, buffer
-        self.index = index
+        self.index, self.skip = index, skip
 
-    def _slot(self) -> tuple[int, int, int]:
+    def _slot(self) -> tuple[int, int, int, int]:
+        """(slot, slots, batches, skipped) of this loader worker.
+
+        The DataLoader takes batches round-robin from workers 0, 1, …, so worker w makes the
+        epoch's batches w, w + workers, …. Resuming at batch `skip`, worker w plays worker
+        (w + skip) % workers: the first batch out is then batch `skip`, and the order holds."""
         info = get_worker_info()
         wid, workers = (info.id, info.num_workers) if info else (0, 1)
+        wid = (wid + self.skip) % workers
         mine = self.batches // workers + (wid < self.batches % workers)
-        return self.rank * workers + wid, self.world * workers, mine
+        skipped = self.skip // workers + (wid < self.skip % workers)
+        return self.rank * workers + wid, self.world * workers, mine, skipped
 
     def _samples(self, slot: int, slots: int, rng: random.Random) -> Iterator[dict[str, Any]]:
         urls = list(self.urls)
@@ -301,7 +314,7 @@ class TrainStream(IterableDataset):
             rng.shuffle(urls)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        slot, slots, mine = self._slot()
+        slot, slots, mine, skipped = self._slot()
         rng = random.Random(f"{self.seed}|{self.epoch}|{slot}")
         buffer: list[dict[str, Any]] = []
         batch: list[dict[str, Any]] = []
@@ -319,7 +332,8 @@ class TrainStream(IterableDataset):
                 continue
             batch.append(buffer.pop(rng.randrange(len(buffer))))
             if len(batch) == self.batch_size:
-                yield collate(batch, self.shapes)
+                if done >= skipped:
+                    yield collate(batch, self.shapes)
                 batch, done = [], done + 1
 
 
@@ -350,3 +364,69 @@ def loader(dataset: IterableDataset, num_workers: int, seed: int, pin: bool) -> 
     extra = {"prefetch_factor": 4} if num_workers > 0 else {}
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin,
                       generator=torch.Generator().manual_seed(seed), **extra)
+
+
+def make_loader(data_dir: str, split: str = "train", *, batch_size: int = 64, epoch: int = 0, seed: int = 0,
+                rank: int = 0, world: int = 1, num_workers: int = 0, shuffle_buffer: int = 1000,
+                skip_batches: int = 0, pin_memory: bool = False) -> DataLoader:
+    """Batches of a prepared dataset for your own PyTorch loop, exactly as `mmprep train` gets them.
+
+    Each batch is a dict: `image` uint8 [B, 3, S, S] (RGB), `audio` float32 [B, bins, frames]
+    (log-mel/MFCC, unnormalized), `text` int64 [B, T] (pad `pad_id`), `present` bool [B, 3]
+    (image, audio, text: a missing modality is zeros with False), `label` int64 [B] (-1:
+    unlabeled), `keys`/`shards` (lists of str). dataset.json has the sizes and statistics.
+
+    "train": `batches_per_epoch(spec, "train", batch_size, world)` full batches per rank,
+    shuffled as a pure function of the arguments (num_workers included); call it once per
+    epoch with that epoch, on each DDP rank with its rank. `skip_batches=k` resumes an epoch
+    after k batches: it yields the batches k, k+1, … an uninterrupted epoch yields (with the
+    same arguments otherwise); the skipped ones are read but not collated.
+    Any other split ("val", "test"): every sample once, in shard order, the last batch short
+    (on whatever rank calls it; at most one loader worker, so nothing is read twice).
+
+        for epoch in range(epochs):
+            for batch in make_loader(OUT, batch_size=64, epoch=epoch, seed=0):
+                loss = step(to_device(batch, device))
+    """
+    spec = load_spec(data_dir)
+    if split not in spec["splits"]:
+        raise ValueError(f"{data_dir}: no split {split!r} (dataset.json has {sorted(spec['splits'])})")
+    shapes, urls, index = Shapes.from_spec(spec), shard_urls(data_dir, spec, split), spec.get("shards")
+    if split != "train":
+        if skip_batches:
+            raise ValueError("skip_batches resumes a training epoch; an evaluation split is read whole")
+        return loader(EvalStream(urls, shapes, batch_size, index), min(num_workers, 1), seed + epoch, pin=pin_memory)
+    if not urls:
+        raise ValueError(f"{data_dir}: the train split has no shards")
+    batches = batches_per_epoch(spec, split, batch_size, world)
+    if not 0 <= skip_batches <= batches:
+        raise ValueError(f"skip_batches={skip_batches}: an epoch has {batches} batches per rank")
+    stream = TrainStream(urls, shapes, batch_size, batches, seed, epoch, rank, world, shuffle_buffer, index, skip=skip_batches)
+    return loader(stream, num_workers, seed + epoch, pin=pin_memory)
+
+
+def hf_features(data_dir: str) -> datasets.Features:
+    """Column types for Hugging Face: `load_dataset("webdataset", data_files=…, features=hf_features(OUT))`.
+
+    Without them, the webdataset builder infers columns from the first 5 samples of one shard:
+    it refuses shards whose samples differ in members (a sample lacking a modality or a label)
+    and drops metadata keys those 5 samples lack. These come from dataset.json instead: `jpg`
+    an Image, `mel.npy` [bins][frames] and `tokens.npy` lists (arrays in the numpy/torch
+    formats), `txt` a str, `cls` a ClassLabel of the dataset's label names, `json` the whole
+    metadata as a dict; a member a sample lacks is None. Needs `pip install datasets` (>=4.7)."""
+    import datasets
+
+    spec = load_spec(data_dir)
+    value, seq = datasets.Value, datasets.List
+    present = spec["features"]
+    columns: dict[str, Any] = {
+        "cls": datasets.ClassLabel(names=spec["labels"]) if spec["labels"] else value("int64"),
+        "jpg": datasets.Image() if "image" in present else None,
+        "json": datasets.Json(),
+        "mel.npy": seq(seq(value("float16"))) if "audio" in present else None,
+        "tokens.npy": seq(value("int32")) if "text" in present else None,
+        "txt": value("string") if "text" in present else None,
+        "__key__": value("string"),
+        "__url__": value("string"),
+    }
+    return datasets.Features({k: v for k, v in columns.items() if v is not None})
