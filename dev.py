@@ -54,6 +54,7 @@ def summary() -> None:
         m = json.loads(path.read_text())
         ablation = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in m["ablation"].items() if v["accuracy"] is not None)
         print(f"\ntest accuracy {m['accuracy']:.3f}, macro F1 {m['macro_f1']:.3f}; one modality only: {ablation}")
+        print("open offline: reports/dataset.html (the data) and metrics/eval.html (the model)")
         print("more: dvc metrics show | dvc plots show | mmprep inspect data/prepared | runs/demo/curves.png")
 
 
