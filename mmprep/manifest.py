@@ -1,4 +1,4 @@
-"""Turning input rows (manifest lines/rows, directory listings) into RawRow records.
+"""Turning input rows (manifest lines/rows, Hugging Face Parquet rows, directory listings, WebDataset samples) into RawRow records.
 
 Pure functions over already-read data: the pipeline does the I/O through Beam's
 FileSystems so paths can be local or cloud URIs. A row that cannot be parsed is a
@@ -12,9 +12,10 @@ import json
 import math
 import posixpath
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
-from mmprep.records import REASONS, RawRow, Reject, has_surrogates, printable, stable_detail
+from mmprep.records import REASONS, RawRow, RecordError, Reject, has_surrogates, printable, stable_detail
 
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"}
@@ -86,6 +87,8 @@ def _json_safe(value: Any, depth: int = 0) -> Any:
         return value if math.isfinite(value) else None
     if isinstance(value, str):
         return printable(value)
+    if isinstance(value, bytes | bytearray):  # a binary column (an image's bytes): its size, not its repr
+        return f"<{len(value)} bytes>"
     if depth >= MAX_DEPTH and isinstance(value, dict | list | tuple):
         raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
     if isinstance(value, dict):
@@ -252,4 +255,175 @@ def directory_row(stem: str, files: dict[str, list[str]], order: int, source: st
         label=label,
         # files of no supported type beside the sample are not dropped silently: the metadata names them
         extra={"ignored_files": [posixpath.basename(p) for p in files["other"]]} if files.get("other") else {},
+    )
+
+
+# --- Parquet as Hugging Face `datasets` writes it -------------------------------------------
+
+HF_MEDIA_TYPES = {"image": "Image", "audio": "Audio"}
+
+
+@dataclass(frozen=True)
+class HFSpec:
+    """How a Hugging Face Parquet file maps onto the manifest columns: which column holds each
+    medium (a struct {bytes, path}), the ClassLabel names of the label column, and whether the
+    id is derived ("<file>:<row>", the file having no `id` column)."""
+
+    media: tuple[tuple[str, str], ...] = ()  # (modality, column)
+    label: str | None = None  # the label column
+    names: tuple[str, ...] | None = None  # its ClassLabel names: an int label is an index into them
+    derive_id: bool = False
+
+
+def hf_spec(columns: dict[str, bool], metadata: bytes | None) -> HFSpec | None:
+    """The spec of a Parquet file written by `datasets` (schema metadata key b"huggingface", or
+    image/audio columns that are {bytes, path} structs); None for a plain manifest. `columns`
+    maps each column name to whether it is such a struct."""
+    features: dict[str, Any] = {}
+    if metadata:
+        try:
+            info = json.loads(metadata)
+            found = info.get("info", {}).get("features", {}) if isinstance(info, dict) else {}
+            features = found if isinstance(found, dict) else {}
+        except (ValueError, AttributeError):
+            features = {}
+
+    def typed(name: str) -> list[str]:
+        return [c for c in columns if isinstance(features.get(c), dict) and features[c].get("_type") == name]
+
+    if not metadata and not any(columns.get(m) for m in HF_MEDIA_TYPES):
+        return None
+    media = []
+    for modality, type_name in HF_MEDIA_TYPES.items():
+        candidates = [modality] if modality in columns else typed(type_name)
+        if len(candidates) == 1:  # a column named after the modality, else the one column of its type
+            media.append((modality, candidates[0]))
+    labels = ["label"] if "label" in columns else typed("ClassLabel")
+    label = labels[0] if len(labels) == 1 else None
+    feature = features.get(label) if label else None
+    names = None
+    if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" and isinstance(feature.get("names"), list):
+        names = tuple(str(n) for n in feature["names"])
+    return HFSpec(media=tuple(media), label=label, names=names, derive_id="id" not in columns)
+
+
+def hf_record(obj: dict[str, Any], source: str, order: int, base: str, spec: HFSpec) -> RawRow | Reject:
+    """A row of a Hugging Face Parquet file → RawRow (embedded media in `media`) or a reject.
+
+    A medium is a struct {bytes, path}: its bytes when set (the path is then only its name),
+    else the path read like a manifest path; a null struct declares no such modality. An int
+    label of a ClassLabel column is its name (-1, `datasets`' "no label", is unlabeled)."""
+    obj = dict(obj)
+    sample_id = obj.get("id") if not spec.derive_id else source
+    sample_id = sample_id if isinstance(sample_id, str) else None
+    if spec.derive_id:
+        obj["id"] = source
+    media: dict[str, bytes] = {}
+    shown: dict[str, str] = {}
+    for modality, column in spec.media:
+        value = obj.pop(column, None)
+        if isinstance(value, dict):
+            data, path = value.get("bytes"), value.get("path")
+            if data is not None and not isinstance(data, bytes):
+                return read_reject(source, order, "bad_field", f"'{column}' bytes must be binary, got {type(data).__name__}", sample_id)
+            if path is not None and not isinstance(path, str):
+                return read_reject(source, order, "bad_field", f"'{column}' path must be a string, got {type(path).__name__}", sample_id)
+            if data is not None:
+                media[modality] = data
+                shown[modality] = f"{source}:{column}" + (f" ({printable(path)})" if path else "")
+                value = shown[modality]  # parse_record sees a declared modality; the display name is put back below
+            elif path:
+                value = path  # read from disk like a manifest path (relative to the Parquet file's folder)
+            else:
+                return read_reject(source, order, "bad_field", f"'{column}' has neither bytes nor a path", sample_id)
+        obj[modality] = value
+    if spec.label is not None:
+        value = obj.pop(spec.label, None)
+        if spec.names is not None and isinstance(value, int) and not isinstance(value, bool):
+            if value == -1:
+                value = None
+            elif 0 <= value < len(spec.names):
+                value = spec.names[value]
+            else:
+                detail = f"'{spec.label}' {value} is not a class of its ClassLabel ({len(spec.names)} names)"
+                return read_reject(source, order, "bad_field", detail, sample_id)
+        obj["label"] = value
+    row = parse_record(obj, source, order, base)
+    if isinstance(row, Reject) or not media:
+        return row
+    return replace(row, media=media, **shown)
+
+
+# --- WebDataset tars ---------------------------------------------------------------------------
+
+LABEL_FIELDS = ("cls", "label")
+MAX_LABEL_BYTES = 4096  # a label member is a class name or index, read whole
+
+
+def split_member(name: str) -> tuple[str, str] | None:
+    """(key, field) of a tar member by the WebDataset convention: the key is the member path up
+    to the first dot of its basename (`a/b.seg.png` → `a/b`, `seg.png`). None for a member that
+    is no part of any sample: hidden (a component starting with a dot, as in the directory
+    layout), or with an absolute or `..` path (never resolved: skipped)."""
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if name.startswith("/") or not parts or any(p.startswith(".") for p in parts):
+        return None
+    key, dot, field_name = parts[-1].partition(".")
+    return "/".join([*parts[:-1], key]), field_name.lower() if dot else ""
+
+
+def member_kind(field_name: str) -> str:
+    """A member's role by its whole field (`jpg` is an image; `seg.png` is another field)."""
+    ext = "." + field_name
+    if ext in IMAGE_EXTS:
+        return "image"
+    if ext in AUDIO_EXTS:
+        return "audio"
+    if ext in TEXT_EXTS:
+        return "text"
+    return "label" if field_name in LABEL_FIELDS else "other"
+
+
+def webdataset_row(key: str, members: list[tuple[str, str, Any]], source: str, order: int, tar: str) -> RawRow | Reject:
+    """One WebDataset sample → RawRow. `members`: (member name, kind, content) in tar order, where
+    content is the bytes read, a RecordError (not read: too large), or None for a member that is
+    never read: of no supported field, or not a regular file (its kind then says which, e.g.
+    "symlink"). Like the directory layout: one file per modality, others listed in `ignored_files`."""
+    if has_surrogates(key):
+        return read_reject(source, order, "bad_field", "the member name is not valid UTF-8", printable(key))
+    by_kind: dict[str, list[tuple[str, Any]]] = {}
+    ignored: list[str] = []
+    for name, kind, content in members:
+        if kind in (*MODALITY_COLUMNS, "label"):
+            by_kind.setdefault(kind, []).append((name, content))
+        else:
+            base = printable(posixpath.basename(name))
+            ignored.append(base if kind == "other" else f"{base} ({kind}, not followed)")
+    for kind in (*MODALITY_COLUMNS, "label"):
+        if len(by_kind.get(kind, [])) > 1:
+            names = ", ".join(printable(posixpath.basename(n)) for n, _ in by_kind[kind])
+            return read_reject(source, order, "bad_field", f"several {kind} files for one sample: {names}", key)
+    if not any(kind in by_kind for kind in MODALITY_COLUMNS):
+        names = ", ".join([*(printable(posixpath.basename(n)) for n, _ in by_kind.get("label", [])), *ignored])
+        return read_reject(source, order, "no_modality", f"no image, audio or text member of a supported type ({names})", key)
+    label = None
+    if "label" in by_kind:
+        name, content = by_kind["label"][0]
+        if not isinstance(content, bytes):
+            return read_reject(source, order, "bad_field", f"label member {printable(name)} is over {MAX_LABEL_BYTES} bytes", key)
+        label = content.decode("utf-8", errors="surrogateescape").strip() or None
+        if label is not None and has_surrogates(label):
+            return read_reject(source, order, "bad_field", f"label member {printable(name)} is not valid UTF-8", key)
+    shown = {kind: f"{tar}:{printable(by_kind[kind][0][0])}" for kind in MODALITY_COLUMNS if kind in by_kind}
+    media: dict[str, bytes | RecordError] = {kind: by_kind[kind][0][1] for kind in shown}
+    return RawRow(
+        source=source,
+        order=order,
+        id=key,
+        image=shown.get("image"),
+        audio=shown.get("audio"),
+        text_path=shown.get("text"),
+        label=label,
+        extra={"ignored_files": ignored} if ignored else {},
+        media=media,
     )

@@ -73,6 +73,10 @@ class RawRow:
     text_path: str | None = None  # directory layout: the .txt file to read
     label: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # media carried in the input itself (a Parquet struct's bytes, a tar member), by modality:
+    # the bytes, or the RecordError met (e.g. a member over max_file_bytes, left unread). The
+    # modality's path field then holds a display name ("shard-000.tar:KEY.jpg"), not a file.
+    media: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)

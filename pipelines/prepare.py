@@ -45,7 +45,8 @@ from pipelines.write import WORK, FinalizeFn, WriteShardFn
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="mmprep prepare", description=__doc__.splitlines()[0])
-    parser.add_argument("--input", required=True, help="manifest (.jsonl/.csv/.parquet) or directory; local or URI")
+    parser.add_argument("--input", required=True, help="manifest (.jsonl/.csv/.parquet), directory layout, Hugging Face Parquet, or WebDataset tars "
+                        "(a .tar, folder, comma list, {000..009} pattern); local or URI")
     parser.add_argument("--output", required=True, help="output directory (local or URI)")
     parser.add_argument("--params", default=None, help="params.yaml (section `prepare`); defaults if omitted")
     parser.add_argument("--workers", type=int, default=None, help="local worker processes (default 1)")

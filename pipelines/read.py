@@ -1,11 +1,13 @@
-"""Reading a raw corpus (manifest or directory layout) through Beam's FileSystems."""
+"""Reading a raw corpus (manifest, directory layout, WebDataset tars, Parquet files) through Beam's FileSystems."""
 
 from __future__ import annotations
 
 import os
 import posixpath
-from collections.abc import Iterator
-from typing import NamedTuple
+import re
+import tarfile
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import apache_beam as beam
 import numpy as np
@@ -13,12 +15,20 @@ from apache_beam.io.filesystems import FileSystems
 
 from mmprep.manifest import (
     MANIFEST_SUFFIXES,
+    MAX_LABEL_BYTES,
+    MODALITY_COLUMNS,
+    _kind_of,
     csv_records,
     directory_row,
     group_directory,
+    hf_record,
+    hf_spec,
+    member_kind,
     parse_jsonl_line,
     parse_record,
     read_reject,
+    split_member,
+    webdataset_row,
 )
 from mmprep.records import RawRow, RecordError, Reject
 
@@ -28,12 +38,22 @@ class InputError(ValueError):
 
 
 def resolve_input(src: str) -> tuple[str, str]:
-    """("manifest", path) or ("directory", path); a folder holding one manifest.* uses it."""
+    """(kind, src): "manifest" (a .jsonl/.csv/.parquet file; a folder holding one manifest.*
+    uses it), "webdataset" (a .tar, a folder of .tar files, a comma-separated list or brace
+    pattern of them), "parquet" (a folder, list or pattern of several .parquet files) or
+    "directory" (media files grouped by stem)."""
     src = src.rstrip("/") or "/"
+    listed = _listed_kind(src)
+    if listed:
+        return listed, src
     if src.endswith(MANIFEST_SUFFIXES):
         if not FileSystems.exists(src):
             raise InputError(f"--input {src}: no such manifest file")
         return "manifest", src
+    if src.endswith(".tar"):
+        if not FileSystems.exists(src):
+            raise InputError(f"--input {src}: no such tar file")
+        return "webdataset", src
     if not FileSystems.exists(src):
         raise InputError(f"--input {src}: no such file or directory")
     found = [f"{src}/manifest{s}" for s in MANIFEST_SUFFIXES if FileSystems.exists(f"{src}/manifest{s}")]
@@ -44,15 +64,105 @@ def resolve_input(src: str) -> tuple[str, str]:
     matches = FileSystems.match([f"{src}/**"])[0].metadata_list
     if not matches:
         raise InputError(f"--input {src}: not a manifest (.jsonl/.csv/.parquet) and no files below it")
-    return "directory", src
+    return _directory_kind(src, [m.path for m in matches]), src
+
+
+LISTED = {".tar": "webdataset", ".parquet": "parquet"}
+
+
+def _listed_kind(src: str) -> str | None:
+    """"webdataset"/"parquet" for a comma-separated list or brace pattern of .tar (.parquet)
+    files, all of which must exist; None for anything else (a path that merely holds a comma)."""
+    if ("," not in src and "{" not in src) or FileSystems.exists(src):
+        return None
+    paths = expand_paths(src)
+    kinds = {LISTED.get(posixpath.splitext(p)[1]) for p in paths}
+    if len(kinds) != 1 or None in kinds:
+        return None
+    missing = [p for p in paths if not FileSystems.exists(p)]
+    if missing:
+        raise InputError(f"--input {src}: no such file {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return kinds.pop()
+
+
+def _directory_kind(src: str, paths: list[str]) -> str:
+    """A folder of .tar files (resp. .parquet files) and no media files is a WebDataset (a
+    Parquet dataset, e.g. a Hugging Face repository's data/); anything else a directory layout."""
+    rel = [p[len(src) + 1 :] for p in paths if p.startswith(src + "/")]
+    rel = [r for r in rel if not any(part.startswith(".") for part in r.split("/"))]
+    exts = {posixpath.splitext(r)[1].lower() for r in rel}
+    if any(_kind_of(e) != "other" for e in exts):
+        return "directory"
+    found = [LISTED[e] for e in exts if e in LISTED]
+    return found[0] if len(found) == 1 else "directory"
+
+
+def expand_paths(src: str) -> list[str]:
+    """A comma-separated list of paths, each a brace pattern as webdataset's `braceexpand`
+    reads it: `shards-{000..009}.tar` (numbers keep the bounds' zero padding), `{a,b}`."""
+    return [path for part in _split_top(src, ",") if part for path in _braces(part)]
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch == "{") - (ch == "}" and depth > 0)
+        if ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
+
+
+_RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?")
+
+
+def _braces(pattern: str) -> list[str]:
+    start = pattern.find("{")
+    depth = 0
+    for end in range(max(start, 0), len(pattern)):
+        depth += (pattern[end] == "{") - (pattern[end] == "}")
+        if start >= 0 and depth == 0:
+            break
+    else:
+        return [pattern]  # no (closed) brace: a plain path
+    head, inner, tails = pattern[:start], pattern[start + 1 : end], _braces(pattern[end + 1 :])
+    numbers = _RANGE.fullmatch(inner)
+    if numbers:
+        lo, hi, step = int(numbers[1]), int(numbers[2]), abs(int(numbers[3] or 1)) or 1
+        width = max(len(numbers[1]), len(numbers[2])) if numbers[1].lstrip("-").startswith("0") or numbers[2].lstrip("-").startswith("0") else 0
+        items = [f"{n:0{width}d}" for n in range(lo, hi + (1 if hi >= lo else -1), step if hi >= lo else -step)]
+    else:
+        alternatives = _split_top(inner, ",")
+        if len(alternatives) == 1:
+            return [head + "{" + x + "}" + t for x in _braces(inner) for t in tails]
+        items = [x for alt in alternatives for x in _braces(alt)]
+    return [head + x + t for x in items for t in tails]
+
+
+def input_files(src: str, suffix: str) -> list[tuple[str, str]]:
+    """(path, name) of each file of a WebDataset/Parquet input, in input order: a list or
+    pattern as given, a single file, or a folder's files sorted (hidden ones skipped). `name`
+    is what `source` shows: the path below the folder, else the base name (the path where
+    base names repeat)."""
+    if ("," in src or "{" in src) and not FileSystems.exists(src):
+        paths = expand_paths(src)
+    elif src.endswith(suffix):
+        return [(src, posixpath.basename(src))]
+    else:
+        found = sorted(m.path for m in FileSystems.match([f"{src}/**"])[0].metadata_list)
+        rel = [(p, p[len(src) + 1 :]) for p in found if p.startswith(src + "/") and p.lower().endswith(suffix)]
+        return [(p, r) for p, r in rel if not any(part.startswith(".") for part in r.split("/"))]
+    names = [posixpath.basename(p) for p in paths]
+    return list(zip(paths, names if len(set(names)) == len(names) else paths, strict=True))
 
 
 class Range(NamedTuple):
     """A slice of the input that one worker reads on its own.
 
-    jsonl/csv: bytes [start, stop) holding whole rows; parquet: row groups [start, stop);
-    directory: the stem groups in `rows`. `line` is the 1-based number of the first
-    line/row (for `source`), `order` the global input position of the first row."""
+    jsonl/csv: bytes [start, stop) holding whole rows; parquet: row groups [start, stop) (`rows`:
+    the file's name in `source`); directory: the stem groups in `rows`; webdataset: the `Segment`s
+    in `rows` (tar byte ranges, maybe of several tars). `line` is the 1-based number of the first
+    line/row/sample (for `source`), `order` the global input position of the first row."""
 
     kind: str
     path: str
@@ -60,7 +170,21 @@ class Range(NamedTuple):
     stop: int
     line: int
     order: int
-    rows: tuple = ()  # directory: ((stem, files), ...); csv: the header
+    rows: tuple = ()  # directory: ((stem, files), ...); csv: the header; parquet: (name,); webdataset: segments
+
+
+class Segment(NamedTuple):
+    """Samples of one tar: those whose first member's header lies in bytes [start, stop), or
+    (`damage` set) the one reject standing for where the tar is truncated or corrupt."""
+
+    path: str
+    name: str  # the tar's name in `source`
+    start: int
+    stop: int
+    line: int  # 1-based number of the first sample in the tar
+    order: int
+    count: int  # samples (rows) in the segment
+    damage: str = ""
 
 
 class Plan(NamedTuple):
@@ -86,6 +210,10 @@ def plan_input(kind: str, src: str) -> Plan:
         _check_encoding(src)
     if kind == "directory":
         plan = _plan_directory(src, PLAN_UNIT)
+    elif kind == "webdataset":
+        plan = _plan_webdataset(src, PLAN_UNIT)
+    elif kind == "parquet":
+        plan = _plan_parquets(src)
     elif src.endswith(".jsonl"):
         plan = _plan_jsonl(src, PLAN_UNIT)
     elif src.endswith(".csv"):
@@ -113,17 +241,18 @@ def _check_encoding(path: str) -> None:
 
 def _coalesce(pieces: list[Range], per: int) -> list[Range]:
     """Merge consecutive pieces into ranges of about `per` rows (a piece's rows start at its
-    `order`; a Parquet piece is a row group and is never cut)."""
+    `order`; a Parquet piece is a row group and is never cut). Pieces of different files merge
+    only for a WebDataset (a range lists its tar segments)."""
     runs: list[list[Range]] = []
     for piece in pieces:
-        if runs and piece.order - runs[-1][0].order < per:
+        if runs and piece.order - runs[-1][0].order < per and (piece.kind == "webdataset" or piece.path == runs[-1][0].path):
             runs[-1].append(piece)
         else:
             runs.append([piece])
     merged = []
     for run in runs:
         first = run[0]
-        rows = tuple(r for piece in run for r in piece.rows) if first.kind == "directory" else first.rows
+        rows = tuple(r for piece in run for r in piece.rows) if first.kind in ("directory", "webdataset") else first.rows
         merged.append(first._replace(stop=run[-1].stop, rows=rows))
     return merged
 
@@ -184,7 +313,7 @@ def _plan_csv(path: str, per: int) -> Plan:
     return Plan(ranges, count)
 
 
-def _plan_parquet(path: str) -> Plan:
+def _plan_parquet(path: str, name: str | None = None, first: int = 0) -> Plan:
     import pyarrow.parquet as pq
 
     with _open(path) as f:
@@ -196,9 +325,145 @@ def _plan_parquet(path: str) -> Plan:
     ranges, row = [], 0
     for group in range(meta.num_row_groups):
         n = meta.row_group(group).num_rows
-        ranges.append(Range("parquet", path, group, group + 1, row + 1, row))
+        ranges.append(Range("parquet", path, group, group + 1, row + 1, first + row, (name,) if name else ()))
         row += n
     return Plan(ranges, row)
+
+
+def _plan_parquets(src: str) -> Plan:
+    """Several Parquet files (a folder, list or pattern): each cut at its row groups."""
+    ranges, rows = [], 0
+    for path, name in input_files(src, ".parquet"):
+        plan = _plan_parquet(path, name, rows)
+        ranges += plan.ranges
+        rows += plan.rows
+    return Plan(ranges, rows)
+
+
+def _plan_webdataset(src: str, per: int) -> Plan:
+    """Pieces of `per` samples per tar, found by walking the member headers (tarfile seeks over
+    the data); a truncated or corrupt tar adds one row, its damage."""
+    ranges, rows = [], 0
+    for path, name in input_files(src, ".tar"):
+        for seg in _plan_tar(path, name, rows, per):
+            ranges.append(Range("webdataset", path, seg.start, seg.stop, seg.line, seg.order, (seg,)))
+            rows += seg.count
+    return Plan(ranges, rows)
+
+
+class _Damage(Exception):
+    """Where a tar is damaged; `lost`: the header offset of the sample it cuts (else `offset`)."""
+
+    def __init__(self, offset: int, detail: str, lost: int | None = None) -> None:
+        super().__init__(detail)
+        self.offset, self.detail, self.lost = offset, detail, offset if lost is None else lost
+
+
+# what a hostile tar can make tarfile raise while reading headers
+_TAR_ERRORS = (tarfile.TarError, OSError, ValueError, EOFError, UnicodeError, OverflowError, KeyError)
+Member = tuple[str, str, Any]  # (member name, kind, content) as `webdataset_row` takes them
+
+
+def _tar_samples(f, name: str, start: int, stop: int, load: Callable | None = None,
+                 seen: dict | None = None) -> Iterator[tuple[str, int, list[Member]]]:
+    """The samples of the tar open in `f` whose first member's header is in [start, stop):
+    (key, header offset, members). Consecutive members of one key form a sample (WebDataset
+    convention); directories, hidden members and absolute or `..` paths are skipped; `load`
+    (tar, member, kind) reads a member's content (None: nothing is read). Damage (a truncated
+    member, a corrupt header, trailing garbage, not a tar) raises _Damage: the sample being read
+    is then lost, the ones yielded before are whole. `seen` gets the global pax headers met."""
+    f.seek(start)
+    try:
+        tar = tarfile.open(fileobj=f, mode="r:")
+    except _TAR_ERRORS as err:
+        raise _Damage(start, f"{name}: not a readable tar at byte {start}: {err}") from None
+    key, first, members, last, in_sample = None, 0, [], None, False
+    while True:
+        try:
+            info = tar.next()
+            problem = None if info is not None else _end_problem(f, tar.offset)
+        except _TAR_ERRORS as err:
+            info, problem = None, str(err) or type(err).__name__
+        if problem is not None:
+            cut = last is not None and not _whole(f, last)  # the last member's data runs past the end
+            at = last.offset if cut else tar.offset
+            detail = f"{name}: truncated or corrupt tar at byte {at}: {problem}"
+            if cut and in_sample:
+                raise _Damage(at, detail, first)  # the sample being read lost (part of) a member
+            if members:
+                yield key, first, members  # whole: what may have followed it is the damage
+            raise _Damage(at, detail)
+        if seen is not None:
+            seen.update(tar.pax_headers)
+        tar.members.clear()  # tarfile keeps every header it read: not for a million-member shard
+        if info is None or info.offset >= stop:
+            break
+        last, in_sample = info, False
+        split = None if info.isdir() else split_member(info.name)
+        if split is None:
+            continue
+        if split[0] != key:
+            if members:
+                yield key, first, members
+            key, first, members = split[0], info.offset, []
+        kind = member_kind(split[1]) if info.isreg() else _special(info)
+        members.append((info.name, kind, load(tar, info, kind) if load else None))
+        in_sample = True
+    if members:
+        yield key, first, members
+
+
+def _end_problem(f, offset: int) -> str | None:
+    """Where tarfile found no next header: the end of the archive (zero blocks, or the end of
+    the file), else what is wrong there."""
+    f.seek(offset)
+    block = f.read(tarfile.BLOCKSIZE)
+    return None if block.count(0) == len(block) else "not a tar header"
+
+
+def _whole(f, info: tarfile.TarInfo) -> bool:
+    """Whether a member's data lies within the file."""
+    if not info.isreg() or info.size == 0:
+        return True
+    f.seek(info.offset_data + info.size - 1)
+    return f.read(1) != b""
+
+
+def _special(info: tarfile.TarInfo) -> str:
+    """The kind of a member that is not a regular file: never followed, never read."""
+    if info.issym():
+        return "symlink"
+    if info.islnk():
+        return "hardlink"
+    return "device" if info.isdev() else "special file"
+
+
+_END = 1 << 62  # a segment that runs to the end of its tar
+
+
+def _plan_tar(path: str, name: str, order: int, per: int) -> list[Segment]:
+    segments: list[Segment] = []
+    count, piece_start, piece_first, seen = 0, 0, 0, {}
+    with _open(path) as f:
+        if not f.read(1):
+            return []  # an empty file: an empty tar
+        try:
+            for _, offset, _ in _tar_samples(f, name, 0, _END, seen=seen):
+                if count % per == 0 and count:
+                    segments.append(Segment(path, name, piece_start, offset, piece_first + 1, order + piece_first, count - piece_first))
+                    piece_start, piece_first = offset, count
+                count += 1
+            end, damage = _END, ""
+        except _Damage as err:
+            end, damage = err.lost, err.detail
+        if count > piece_first:
+            segments.append(Segment(path, name, piece_start, end, piece_first + 1, order + piece_first, count - piece_first))
+        if seen and segments:  # global pax headers apply from where they stand: read the tar from its start
+            segments = [segments[0]._replace(stop=end, count=count)]
+        if damage:
+            # the sample being read when the damage was met is lost (its members may be cut): one reject
+            segments.append(Segment(path, name, end, end, count + 1, order + count, 1, damage))
+    return segments
 
 
 def _plan_directory(src: str, per: int) -> Plan:
@@ -211,16 +476,20 @@ def _plan_directory(src: str, per: int) -> Plan:
     return Plan(ranges, len(groups))
 
 
-def read_range(rng: Range) -> Iterator[RawRow | Reject]:
-    """The rows of one range, each a RawRow or (unparseable) a Reject."""
+def read_range(rng: Range, max_bytes: int | None = None) -> Iterator[RawRow | Reject]:
+    """The rows of one range, each a RawRow or (unparseable) a Reject. `max_bytes`
+    (prepare.max_file_bytes) bounds what is read of a tar member: a larger one is left unread."""
     name, base = posixpath.basename(rng.path), posixpath.dirname(rng.path)
+    if rng.kind == "webdataset":
+        yield from _read_webdataset(rng, max_bytes)
+        return
     if rng.kind == "directory":
         for i, (stem, files) in enumerate(rng.rows):
             first = next(iter(files.values()))[0]
             yield directory_row(stem, files, rng.order + i, first[len(rng.path) + 1 :])
         return
     if rng.kind == "parquet":
-        yield from _read_parquet(rng, name, base)
+        yield from _read_parquet(rng, rng.rows[0] if rng.rows else name, base)
         return
     if rng.kind == "jsonl":
         with _open(rng.path) as f:
@@ -256,23 +525,103 @@ def _read_csv(rng: Range, name: str, base: str) -> Iterator[RawRow | Reject]:
             order += 1
 
 
+MEDIA_BATCH = 64  # rows per batch of a Parquet file with embedded media (binary columns)
+
+
 def _read_parquet(rng: Range, name: str, base: str) -> Iterator[RawRow | Reject]:
+    """Rows of row groups [start, stop). A Hugging Face file (`hf_spec`) has its media
+    embedded: read in small batches, so a row group's images are not all in memory at once."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     with _open(rng.path) as f:
-        table = pq.ParquetFile(f)
-        order = rng.order
-        for batch in table.iter_batches(batch_size=4096, row_groups=list(range(rng.start, rng.stop))):
+        table = pq.ParquetFile(f, buffer_size=1 << 20)
+        schema = table.schema_arrow
+        spec = hf_spec({fld.name: _media_struct(fld.type) for fld in schema}, (schema.metadata or {}).get(b"huggingface"))
+        binary = any(pa.types.is_binary(t) or pa.types.is_large_binary(t) for t in _leaf_types(schema))
+        order, line = rng.order, rng.line
+        for batch in table.iter_batches(batch_size=MEDIA_BATCH if binary else 4096, row_groups=list(range(rng.start, rng.stop))):
             for record in batch.to_pylist():
-                yield parse_record(record, f"{name}:{order + 1}", order, base)
-                order += 1
+                source = f"{name}:{line}"
+                yield parse_record(record, source, order, base) if spec is None else hf_record(record, source, order, base, spec)
+                order, line = order + 1, line + 1
+
+
+def _media_struct(t) -> bool:
+    """An Image/Audio column as `datasets` writes it: struct<bytes: binary, path: string>."""
+    import pyarrow as pa
+
+    return pa.types.is_struct(t) and {t.field(i).name for i in range(t.num_fields)} >= {"bytes", "path"}
+
+
+def _leaf_types(schema) -> Iterator:
+    import pyarrow as pa
+
+    todo = [fld.type for fld in schema]
+    while todo:
+        t = todo.pop()
+        if pa.types.is_struct(t):
+            todo += [t.field(i).type for i in range(t.num_fields)]
+        elif pa.types.is_list(t) or pa.types.is_large_list(t):
+            todo.append(t.value_type)
+        else:
+            yield t
+
+
+def _read_webdataset(rng: Range, max_bytes: int | None) -> Iterator[RawRow | Reject]:
+    """The samples of a range's tar segments; consecutive segments of one tar are read in one go."""
+    merged: list[Segment] = []
+    for seg in rng.rows:
+        last = merged[-1] if merged else None
+        if last and not last.damage and not seg.damage and (last.path, last.stop) == (seg.path, seg.start):
+            merged[-1] = last._replace(stop=seg.stop, count=last.count + seg.count)
+        else:
+            merged.append(seg)
+    for seg in merged:
+        if seg.damage:
+            yield read_reject(f"{seg.name}:{seg.line}", seg.order, "malformed_row", seg.damage)
+        else:
+            yield from _read_segment(seg, max_bytes)
+
+
+def _read_segment(seg: Segment, max_bytes: int | None) -> Iterator[RawRow | Reject]:
+    """A segment's samples; should the tar have changed since it was planned (fewer samples, new
+    damage), each planned sample not read is a reject, so every planned row is accounted for."""
+
+    def load(tar: tarfile.TarFile, info: tarfile.TarInfo, kind: str) -> bytes | RecordError | None:
+        cap = MAX_LABEL_BYTES if kind == "label" else max_bytes
+        if kind not in (*MODALITY_COLUMNS, "label"):
+            return None  # other fields (.json, .pyd, .pkl …) are never read, let alone unpickled
+        if cap is not None and info.size > cap:
+            return RecordError("file_too_large", f"{seg.name}:{info.name}: more than max_file_bytes={cap}") if kind != "label" else None
+        with tar.extractfile(info) as member:
+            return member.read(info.size)
+
+    done, problem = 0, "fewer samples than when the input was planned"
+    try:
+        with _open(seg.path) as f:
+            for key, _, members in _tar_samples(f, seg.name, seg.start, seg.stop, load):
+                if done == seg.count:
+                    break
+                yield webdataset_row(key, members, f"{seg.name}:{seg.line + done}", seg.order + done, seg.name)
+                done += 1
+    except _Damage as err:
+        problem = err.detail
+    except _TAR_ERRORS as err:
+        problem = f"{seg.name}: {err}"
+    for i in range(done, seg.count):
+        yield read_reject(f"{seg.name}:{seg.line + i}", seg.order + i, "malformed_row", f"the tar changed after planning: {problem}")
 
 
 def load_media(row: RawRow, max_bytes: int) -> dict[str, bytes | str | RecordError]:
-    """Read each declared modality's bytes (local path or URI) or the error met doing so."""
+    """Read each declared modality's bytes (local path or URI; those carried in `row.media` as
+    they are, under the same checks) or the error met doing so."""
     loaded: dict[str, bytes | str | RecordError] = {}
     for modality, path in (("image", row.image), ("audio", row.audio), ("text", row.text_path)):
-        if path is not None:
+        if modality in row.media:  # carried in the row (embedded in the input): `path` only names it
+            data = row.media[modality]
+            loaded[modality] = data if isinstance(data, RecordError) else _checked(path or modality, data, max_bytes)
+        elif path is not None:
             loaded[modality] = _read_bytes(path, max_bytes)
     if row.text is not None:
         loaded["text"] = row.text

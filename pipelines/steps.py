@@ -109,7 +109,7 @@ class ProcessRangeFn(beam.DoFn):
         todo_bytes = 0
         running = None  # the batch in the child while this thread reads and looks up the next one
         self.memo = []  # (stat key, content sha256) of media files read in this range
-        for row in read_range(rng):
+        for row in read_range(rng, self.cfg.max_file_bytes):
             self.rows.inc()
             result = row if isinstance(row, Reject) else self.look_up(row)
             if not isinstance(result, Kept | Reject):  # not cached: processed in batches (bounded in rows and bytes)
@@ -153,9 +153,11 @@ class ProcessRangeFn(beam.DoFn):
         (row, its loaded media, its entry name)."""
         from mmprep import staged
 
-        paths = {m: p for m, p in (("image", row.image), ("audio", row.audio), ("text", row.text_path)) if p is not None}
+        # media carried in the row (embedded in a Parquet file or a tar) have no file to stat:
+        # they are hashed once loaded, like URIs
+        paths = {m: p for m, p in (("image", row.image), ("audio", row.audio), ("text", row.text_path)) if p is not None and m not in row.media}
         stats = {m: stat_key(p) for m, p in paths.items()}
-        if self.reuse and paths and all(stats.values()):
+        if self.reuse and paths and not row.media and all(stats.values()):
             # unchanged files (same path, size, mtime, ctime, inode) have their content hash
             # remembered: a cached row is then reused without reading its media at all
             media = {m: self.store.media_hash(k) for m, k in stats.items()}
