@@ -7,15 +7,36 @@ import logging
 import sys
 
 from mmprep.config import ConfigError, load_params
+from mmprep.console import HelpFormatter, Parser
+
+DOCS = "README.md and docs/ (docs/data-contract.md: every file, member and column) in the mmprep repository"
+
+
+def _parser(command: str, example: str, params: str | None) -> argparse.ArgumentParser:
+    """A command's parser: its one-line description, an example, the params section it reads,
+    -v/--verbose; no abbreviated options (a typo is an error, not another option)."""
+    reads = f"reads params: the `{params}` section of --params (defaults: params.yaml, mmprep/config.py)\n" if params else ""
+    parser = Parser(prog=f"mmprep {command}", description=COMMANDS[command][1], formatter_class=HelpFormatter,
+                                     allow_abbrev=False, epilog=f"example:\n  {example}\n\n{reads}docs: {DOCS}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: the libraries' logs and warnings too; -vv: debug")
+    return parser
+
+
+def _args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    from mmprep.console import set_verbosity
+
+    set_verbosity(args.verbose)
+    return args
 
 
 def _demo_corpus(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mmprep demo-corpus", description="Write the embedded demo corpus.")
+    parser = _parser("demo-corpus", "mmprep demo-corpus data/demo_corpus --samples 2000 --params params.yaml", "demo_corpus")
     parser.add_argument("out", help="output directory (manifest.jsonl + media/)")
     parser.add_argument("--samples", type=int, default=None, help="number of samples (default: params or 2000)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: params or 0)")
     parser.add_argument("--params", default=None, help="params.yaml (section demo_corpus)")
-    args = parser.parse_args(argv)
+    args = _args(parser, argv)
     cfg = load_params(args.params).demo_corpus
     from mmprep.config import params_from_dict, to_dict
 
@@ -43,12 +64,13 @@ def _prepare(argv: list[str]) -> int:
 
 
 def _train(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mmprep train", description="Train a fusion model on prepared shards.")
+    parser = _parser("train", "mmprep train --data data/prepared --output runs/demo --params params.yaml\n"
+                     "  torchrun --nproc_per_node=N -m mmprep.cli train --data data/prepared --output runs/demo   (DDP)", "train")
     parser.add_argument("--data", required=True, help="prepared dataset directory (mmprep prepare --output)")
     parser.add_argument("--output", required=True, help="run directory (checkpoints, model, metrics)")
     parser.add_argument("--params", default=None, help="params.yaml (section train)")
-    parser.add_argument("--metrics", default=None, help="DVCLive directory (default RUN/dvclive)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--metrics", default=None, help="DVCLive directory (None: RUN/dvclive)")
+    args = _args(parser, argv)
     cfg = load_params(args.params).train
     from train.recipe import train
 
@@ -57,12 +79,13 @@ def _train(argv: list[str]) -> int:
 
 
 def _evaluate(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mmprep evaluate", description="Evaluate a trained run on a split.")
+    parser = _parser("evaluate", "mmprep evaluate --data data/prepared --model runs/demo --output metrics/eval.json --params params.yaml",
+                     "evaluate")
     parser.add_argument("--data", required=True, help="prepared dataset directory")
     parser.add_argument("--model", required=True, help="run directory written by mmprep train")
     parser.add_argument("--output", required=True, help="metrics JSON to write (a PNG confusion matrix beside it)")
     parser.add_argument("--params", default=None, help="params.yaml (section evaluate)")
-    args = parser.parse_args(argv)
+    args = _args(parser, argv)
     cfg = load_params(args.params).evaluate
     from train.evaluate import evaluate
 
@@ -73,12 +96,12 @@ def _evaluate(argv: list[str]) -> int:
 
 
 def _predict(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mmprep predict", description="Classify one raw sample.")
+    parser = _parser("predict", "mmprep predict --model runs/demo --image cat.jpg --audio meow.wav --text 'a grey cat'", None)
     parser.add_argument("--model", required=True, help="run directory written by mmprep train")
-    parser.add_argument("--image", default=None)
-    parser.add_argument("--audio", default=None)
-    parser.add_argument("--text", default=None)
-    args = parser.parse_args(argv)
+    parser.add_argument("--image", default=None, help="an image file")
+    parser.add_argument("--audio", default=None, help="an audio file")
+    parser.add_argument("--text", default=None, help="the text, inline")
+    args = _args(parser, argv)
     if not (args.image or args.audio or args.text):
         parser.error("give at least one of --image, --audio, --text")
     from train.predict import predict
@@ -91,10 +114,10 @@ def _predict(argv: list[str]) -> int:
 
 
 def _inspect(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mmprep inspect", description="Summarize a prepared dataset.")
+    parser = _parser("inspect", "mmprep inspect data/prepared --examples 5", None)
     parser.add_argument("out", help="prepared dataset directory")
     parser.add_argument("--examples", type=int, default=3, help="reject examples per reason")
-    args = parser.parse_args(argv)
+    args = _args(parser, argv)
     from mmprep.inspection import inspect_dataset
 
     print(inspect_dataset(args.out, examples=args.examples))
@@ -102,13 +125,9 @@ def _inspect(argv: list[str]) -> int:
 
 
 def _verify(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="mmprep verify",
-        description="Check every shard of a prepared dataset against dataset.json (bytes, sha256, sample count, "
-        "members) and manifest.parquet (keys). Exits 1 naming each problem.",
-    )
+    parser = _parser("verify", "mmprep verify --data data/prepared\n  mmprep verify --data https://example.org/datasets/prepared", None)
     parser.add_argument("--data", required=True, help="prepared dataset directory or http(s):// URL")
-    args = parser.parse_args(argv)
+    args = _args(parser, argv)
     from mmprep.verify import verify
 
     problems, totals = verify(args.data)
@@ -122,17 +141,13 @@ def _verify(argv: list[str]) -> int:
 
 
 def _report(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="mmprep report",
-        description="Write one self-contained HTML page about a prepared dataset (counts, rejects, distributions, "
-        "a gallery with images, features and audio, duplicates and leakage, the dataset card); opens offline.",
-    )
+    parser = _parser("report", "mmprep report --data data/prepared --output reports/dataset.html --training metrics/eval.html", None)
     parser.add_argument("--data", required=True, help="prepared dataset directory (mmprep prepare --output)")
-    parser.add_argument("--output", default=None, help="HTML file to write (default DATA/report.html)")
+    parser.add_argument("--output", default=None, help="HTML file to write (None: DATA/report.html)")
     parser.add_argument("--training", default=None, help="the training report (mmprep evaluate's HTML) to link, if any")
-    parser.add_argument("--per-label", type=int, default=3, help="gallery samples per label (default 3)")
-    parser.add_argument("--max-labels", type=int, default=24, help="labels shown in the gallery, most frequent first (default 24)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--per-label", type=int, default=3, help="gallery samples per label")
+    parser.add_argument("--max-labels", type=int, default=24, help="labels shown in the gallery, most frequent first")
+    args = _args(parser, argv)
     from mmprep.report import build_report
 
     path, info = build_report(args.data, args.output, per_label=args.per_label, max_labels=args.max_labels, training=args.training)
@@ -142,28 +157,56 @@ def _report(argv: list[str]) -> int:
 
 
 COMMANDS = {
-    "demo-corpus": _demo_corpus,
-    "prepare": _prepare,
-    "train": _train,
-    "evaluate": _evaluate,
-    "predict": _predict,
-    "inspect": _inspect,
-    "verify": _verify,
-    "report": _report,
+    "demo-corpus": (_demo_corpus, "Write the embedded demo corpus (generated: images, audio, text, labels, with dirt)."),
+    "prepare": (_prepare, "Raw corpus → clean, labeled, split WebDataset shards + tables (Apache Beam, local or a cluster)."),
+    "train": (_train, "Train a multimodal fusion model on prepared shards (PyTorch, CPU or GPU, DDP with torchrun)."),
+    "evaluate": (_evaluate, "Score a trained run on a split: metrics JSON, confusion matrix, ablation, an HTML report."),
+    "predict": (_predict, "Classify one raw sample (image/audio/text) with a trained run."),
+    "inspect": (_inspect, "Print what a prepared dataset holds: counts, splits, rejects by reason, features."),
+    "verify": (_verify, "Check every shard of a prepared dataset against dataset.json and the manifest (sha256, sizes)."),
+    "report": (_report, "Write one offline HTML page about a prepared dataset: counts, distributions, gallery, leakage."),
 }
+
+
+def usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = ["usage: mmprep COMMAND [options]   (mmprep COMMAND --help: its options, an example, the params it reads)", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}  {description}" for name, (_, description) in COMMANDS.items()]
+    lines += ["", "  mmprep --version   versions of mmprep and of Beam, torch, webdataset", "",
+              "Every command prints only its own lines; -v adds the libraries' logs, -vv debug logs.", f"docs: {DOCS}"]
+    return "\n".join(lines)
+
+
+def version() -> str:
+    from importlib import metadata
+
+    found = []
+    for dist in ("apache-beam", "torch", "webdataset", "pyarrow", "numpy"):
+        try:
+            found.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{dist} not installed")
+    return f"mmprep {metadata.version('mmprep')} ({', '.join(found)}; python {sys.version.split()[0]})"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-V", "--version"):
+        print(version())
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        names = " | ".join(COMMANDS)
-        print(f"usage: mmprep {{{names}}} …   (mmprep COMMAND --help for each)", file=sys.stderr)
         if argv and argv[0] not in ("-h", "--help"):
-            print(f"mmprep: error: unknown command {argv[0]!r}", file=sys.stderr)
+            import difflib
+
+            close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            print(f"mmprep: error: unknown command {argv[0]!r}{hint}; mmprep --help lists them", file=sys.stderr)
             return 2
+        print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     try:
-        return COMMANDS[argv[0]](argv[1:])
+        return COMMANDS[argv[0]][0](argv[1:])
     except (ConfigError, OSError, ValueError, FloatingPointError) as err:  # bad params/input/shards, NaN in training: one line
         print(f"mmprep {argv[0]}: error: {one_line(err)}", file=sys.stderr)
         return 2

@@ -19,7 +19,6 @@ os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 import argparse  # noqa: E402
 import json
-import logging
 import re
 import shutil
 import sys
@@ -33,6 +32,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from mmprep.config import PrepareConfig, load_params
+from mmprep.console import HelpFormatter, Parser, only_our_lines, set_verbosity, suggest
 from mmprep.staged import context_digest
 from pipelines import reaper, steps
 from pipelines.files import is_local, join
@@ -42,22 +42,89 @@ from pipelines.read import InputError, Plan, plan_input, resolve_input
 from pipelines.staging import default_cache, hold_run, release_run, sweep_dead_runs
 from pipelines.write import WORK, FinalizeFn, WriteShardFn
 
+PREPARE_EPILOG = """\
+example:
+  mmprep prepare --input data/corpus/manifest.jsonl --output data/prepared --params params.yaml --workers 2
+
+reads params: the `prepare` section of --params (every knob and its default: params.yaml,
+mmprep/config.py); README "prepare" and docs/data-contract.md in the repository.
+
+Beam options pass through untouched (an option neither mmprep nor Beam knows is an error):
+  local (default)  --runner FnApiRunner; --workers N sets --direct_num_workers N with
+                   --direct_running_mode multi_processing
+  Dask             --runner apache_beam.runners.dask.dask_runner.DaskRunner
+                   --dask_client_address tcp://HOST:8786   (pip install 'mmprep[dask]')
+  Flink            --runner FlinkRunner --flink_master HOST:8081 --environment_type LOOPBACK|EXTERNAL
+  Spark            --runner SparkRunner --spark_master_url spark://HOST:7077
+                   (or PortableRunner --job_endpoint HOST:8099)
+  Dataflow         --runner DataflowRunner --project P --region R --temp_location gs://B/tmp
+                   --setup_file ./setup.py or --requirements_file requirements.txt
+  any portable     --runner PortableRunner --job_endpoint HOST:PORT --environment_type EXTERNAL
+                   --environment_config HOST:50000
+"""
+
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="mmprep prepare", description=__doc__.splitlines()[0])
-    parser.add_argument("--input", required=True, help="manifest (.jsonl/.csv/.parquet), directory layout, Hugging Face Parquet, or WebDataset tars "
-                        "(a .tar, folder, comma list, {000..009} pattern); local or URI")
+    """mmprep's own options, and the rest for Beam; a flag that neither knows is an InputError
+    naming the closest known one (Beam itself would only log a warning and drop it)."""
+    parser = Parser(prog="mmprep prepare", description="Raw corpus → clean, labeled, split WebDataset shards + tables "
+                    "(Apache Beam, local or a cluster).", epilog=PREPARE_EPILOG,
+                                     formatter_class=HelpFormatter, allow_abbrev=False)
+    parser.add_argument("--input", required=True, help="manifest (.jsonl/.csv/.parquet), directory layout, Hugging Face Parquet, "
+                        "or WebDataset tars (a .tar, folder, comma list, {000..009} pattern); local or URI")
     parser.add_argument("--output", required=True, help="output directory (local or URI)")
-    parser.add_argument("--params", default=None, help="params.yaml (section `prepare`); defaults if omitted")
-    parser.add_argument("--workers", type=int, default=None, help="local worker processes (default 1)")
+    parser.add_argument("--params", default=None, help="params.yaml (section `prepare`); built-in defaults if omitted")
+    parser.add_argument("--workers", type=int, default=None, help="local worker processes (None: 1, or Beam's --direct_num_workers)")
     parser.add_argument(
         "--cache",
         default=None,
         help="directory (local or URI) of processed rows reused by later runs "
-        "(default $MMPREP_CACHE, else $XDG_CACHE_HOME/mmprep or ~/.cache/mmprep)",
+        "(None: $MMPREP_CACHE, else $XDG_CACHE_HOME/mmprep or ~/.cache/mmprep)",
     )
     parser.add_argument("--no-cache", action="store_true", help="process every row; stage rows inside --output, removed at the end")
-    return parser.parse_known_args(argv)
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="-v: Beam's and the libraries' logs too; -vv: debug logs (Beam's workers too)")
+    args, beam_args = parser.parse_known_args(argv)
+    unknown = unknown_flags(beam_args)
+    if unknown:
+        raise InputError(f"unknown option {unknown[0]}{suggest(unknown[0], parser.known_flags(), beam_flags())} "
+                         "(mmprep prepare --help lists the options; Beam options pass through)")
+    if args.verbose >= 2 and not any(a.startswith("--default_sdk_harness_log_level") for a in beam_args):
+        beam_args = [*beam_args, "--default_sdk_harness_log_level=DEBUG"]
+    return args, beam_args
+
+
+def _import_runner(beam_args: list[str]) -> None:
+    """A runner given by its module path registers its own options (DaskRunner: --dask_*)."""
+    import importlib
+
+    for i, arg in enumerate(beam_args):
+        value = arg.split("=", 1)[1] if arg.startswith("--runner=") else beam_args[i + 1] if arg == "--runner" and i + 1 < len(beam_args) else None
+        if value and "." in value:
+            try:
+                importlib.import_module(value.rsplit(".", 1)[0])
+            except Exception:  # noqa: BLE001 - Beam reports an unknown runner itself, clearly
+                pass
+
+
+def _beam_parser():
+    from apache_beam.options.pipeline_options import _BeamArgumentParser
+
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():  # as Beam's get_all_options does
+        cls._add_argparse_args(parser)
+    return parser
+
+
+def unknown_flags(beam_args: list[str]) -> list[str]:
+    """The flags among `beam_args` that no registered PipelineOptions class defines."""
+    _import_runner(beam_args)
+    _, rest = _beam_parser().parse_known_args(beam_args)
+    return [a.split("=", 1)[0] for a in rest if a.startswith("-")]
+
+
+def beam_flags() -> list[str]:
+    return [o for o in _beam_parser()._option_string_actions if o.startswith("--")]
 
 
 def pipeline_options(beam_args: list[str], workers: int | None) -> PipelineOptions:
@@ -138,6 +205,7 @@ DONE_NOTE = "the output has no dataset.json; run again once fixed"
 
 def run(argv: list[str] | None = None) -> int:
     args, beam_args = parse_args(argv)
+    set_verbosity(args.verbose)
     cfg = load_params(args.params).prepare
     kind, src = resolve_input(args.input)
     out = args.output.rstrip("/")
@@ -167,11 +235,13 @@ def run(argv: list[str] | None = None) -> int:
     lock = hold_run(store, context, run_id)
     local_processes = options.view_as(DirectOptions).direct_running_mode == "multi_processing"
     watcher = reaper.start() if local_processes else None  # stops our worker processes if this one is killed
+    log = None
     try:
-        with Reporter(progress, plan.rows), beam.Pipeline(options=options) as p:
+        # quiet by default: Beam's worker processes log their start and stop at INFO on our stderr
+        with only_our_lines(args.verbose == 0) as log, Reporter(progress, plan.rows), beam.Pipeline(options=options) as p:
             build(p, plan, out, cfg, store, not args.no_cache, progress, run_id)
     except Exception as err:  # noqa: BLE001 - a worker's failure (disk full, output gone): one line, not Beam's traceback
-        raise RunError(root_cause(err)) from err
+        raise RunError(root_cause(err) + (f"; Beam's full log: {log}" if log else "")) from err
     finally:
         shutil.rmtree(progress, ignore_errors=True)
         release_run(lock)
@@ -240,7 +310,6 @@ def report(out: str, cfg: PrepareConfig, result, seconds: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.getLogger("apache_beam").setLevel(logging.WARNING)
     try:
         return run(argv)
     except (InputError, ValueError, OSError) as err:
