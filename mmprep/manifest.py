@@ -374,14 +374,8 @@ def split_member(name: str) -> tuple[str, str] | None:
 
 def member_kind(field_name: str) -> str:
     """A member's role by its whole field (`jpg` is an image; `seg.png` is another field)."""
-    ext = "." + field_name
-    if ext in IMAGE_EXTS:
-        return "image"
-    if ext in AUDIO_EXTS:
-        return "audio"
-    if ext in TEXT_EXTS:
-        return "text"
-    return "label" if field_name in LABEL_FIELDS else "other"
+    kind = _kind_of("." + field_name)
+    return "label" if kind == "other" and field_name in LABEL_FIELDS else kind
 
 
 def webdataset_row(key: str, members: list[tuple[str, str, Any]], source: str, order: int, tar: str) -> RawRow | Reject:
