@@ -216,13 +216,13 @@ def group_directory(paths: Iterable[str], root: str) -> Iterator[tuple[str, dict
         if any(part.startswith(".") for part in rel.split("/")):
             continue
         stem, ext = posixpath.splitext(rel)
-        kind = _kind_of(ext.lower())
+        kind = kind_of(ext.lower())
         groups.setdefault(stem, {}).setdefault(kind, []).append(path)
     for stem in sorted(groups):
         yield stem, {k: sorted(v) for k, v in sorted(groups[stem].items())}
 
 
-def _kind_of(ext: str) -> str:
+def kind_of(ext: str) -> str:
     if ext in IMAGE_EXTS:
         return "image"
     if ext in AUDIO_EXTS:
@@ -374,7 +374,7 @@ def split_member(name: str) -> tuple[str, str] | None:
 
 def member_kind(field_name: str) -> str:
     """A member's role by its whole field (`jpg` is an image; `seg.png` is another field)."""
-    kind = _kind_of("." + field_name)
+    kind = kind_of("." + field_name)
     return "label" if kind == "other" and field_name in LABEL_FIELDS else kind
 
 

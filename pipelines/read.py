@@ -17,12 +17,12 @@ from mmprep.manifest import (
     MANIFEST_SUFFIXES,
     MAX_LABEL_BYTES,
     MODALITY_COLUMNS,
-    _kind_of,
     csv_records,
     directory_row,
     group_directory,
     hf_record,
     hf_spec,
+    kind_of,
     member_kind,
     parse_jsonl_line,
     parse_record,
@@ -91,7 +91,7 @@ def _directory_kind(src: str, paths: list[str]) -> str:
     rel = [p[len(src) + 1 :] for p in paths if p.startswith(src + "/")]
     rel = [r for r in rel if not any(part.startswith(".") for part in r.split("/"))]
     exts = {posixpath.splitext(r)[1].lower() for r in rel}
-    if any(_kind_of(e) != "other" for e in exts):
+    if any(kind_of(e) != "other" for e in exts):
         return "directory"
     found = [LISTED[e] for e in exts if e in LISTED]
     return found[0] if len(found) == 1 else "directory"
