@@ -194,7 +194,7 @@ class Plan(NamedTuple):
 
 PLAN_UNIT = 32  # rows per planned piece; pieces are then merged into ranges
 MIN_RANGES = 64  # enough ranges to balance workers and report progress on small inputs
-MAX_RANGE_ROWS = 1000
+MAX_RANGE_ROWS = 1024
 _BLOCK = 1 << 24
 
 
@@ -220,7 +220,9 @@ def plan_input(kind: str, src: str) -> Plan:
         plan = _plan_csv(src, PLAN_UNIT)
     else:
         plan = _plan_parquet(src)
-    per = min(MAX_RANGE_ROWS, max(1, -(-plan.rows // MIN_RANGES)))
+    # a power of two: appending rows to a manifest keeps every earlier range as it was (until the
+    # input doubles), so a rerun reuses those ranges whole (steps.range_key)
+    per = min(MAX_RANGE_ROWS, 1 << max(0, -(-plan.rows // MIN_RANGES) - 1).bit_length())
     return Plan(_coalesce(plan.ranges, per), plan.rows)
 
 

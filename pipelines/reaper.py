@@ -6,7 +6,8 @@ the dead driver's control channel), and one that has keeps processing its whole 
 `prepare` starts this watcher (`python -m pipelines.reaper PID`, a session of its own, so a
 signal to the driver's process group does not reach it): it remembers the driver's
 descendants twice a second, and when the driver is gone it kills the ones it saw (checked by
-start time, so a reused pid is left alone), then exits. It exits at once when the driver ends
+start time, so a reused pid is left alone) and those started since its last look (found by a
+mark in their environment that they inherit from the driver), then exits. It exits at once when the driver ends
 normally (the runner has stopped its workers by then).
 """
 
@@ -62,6 +63,19 @@ def watch(driver: int, started: str) -> None:
         seen.update((pid, start) for pid, start in descendants(driver).items() if pid != os.getpid())
         seen = {pid: start for pid, start in seen.items() if (proc_stat(pid) or (0, ""))[1] == start}
         time.sleep(0.5)
+    # and the ones started since the last look (a kill right after the runner started its
+    # workers): they carry the driver's mark in their environment, inherited from it
+    mark = f"{MARK}={driver}:{started}".encode()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid() and int(entry) not in seen:
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    marked = mark in f.read().split(b"\0")
+            except OSError:
+                continue
+            info = proc_stat(int(entry)) if marked else None
+            if info:
+                seen[int(entry)] = info[1]
     for pid, start in seen.items():
         if (proc_stat(pid) or (0, ""))[1] == start:
             try:
@@ -70,11 +84,16 @@ def watch(driver: int, started: str) -> None:
                 pass
 
 
+MARK = "MMPREP_PREPARE_DRIVER"  # set in the driver's environment: every process it starts inherits it
+
+
 def start() -> subprocess.Popen | None:
-    """Watch this process (Linux: /proc); None elsewhere."""
+    """Watch this process (Linux: /proc); None elsewhere. Marks this process's environment,
+    so the processes it starts from now on (Beam's workers) can be found once it is gone."""
     me = proc_stat(os.getpid()) if os.path.isdir("/proc") else None
     if me is None:
         return None
+    os.environ[MARK] = f"{os.getpid()}:{me[1]}"
     return subprocess.Popen(  # noqa: S603 - our own module, same interpreter
         [sys.executable, "-m", "pipelines.reaper", str(os.getpid()), me[1]],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True,

@@ -14,6 +14,7 @@ again — never one a later run trusts wrongly.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import posixpath
 
@@ -21,6 +22,15 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.files import is_local, join, put
+
+
+def _packs(index_part: bytes) -> set[str]:
+    """The packs an index part's kept rows point to (entry locations are PACK:OFFSET:LENGTH)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    entries = pq.read_table(pa.BufferReader(index_part), columns=["entry"])["entry"].to_pylist()
+    return {e.split(":", 1)[0] for e in entries if e and ":" in e}
 
 
 def rows_dir(store_root: str, context: str) -> str:
@@ -72,7 +82,8 @@ def sweep_dead_runs(store_root: str, context: str) -> int:
         try:
             with open(path) as f:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # got it: nobody holds it, the run is dead
-                for stale in glob.glob(os.path.join(directory, f"*.tmp-{glob.escape(run)}*")):
+                pattern = f"*.tmp-{glob.escape(run)}*"
+                for stale in glob.glob(os.path.join(directory, pattern)) + glob.glob(os.path.join(directory, "ranges", pattern)):
                     os.unlink(stale)
                     removed += 1
                 os.unlink(path)
@@ -118,6 +129,43 @@ class Store:
         put(join(self.dir, f"{pack}.pack"), b"".join(data for _, data in entries), durable=False, tag=self.run)
         put(join(self.dir, f"{pack}.idx"), ("\n".join(index) + "\n").encode(), durable=False, tag=self.run)
         return locations
+
+    def put_range(self, key: str, index_part: bytes, counts: dict[str, int], files: list[tuple[str, str | None]]) -> None:
+        """Remember a whole range: its index part, counters and the stat keys of its media
+        files, in one file `ranges/KEY` (JSON line, the part, a checksum)."""
+        packs = {p: self._pack_stat(p) for p in sorted(_packs(index_part))}
+        head = json.dumps({"counts": counts, "files": files, "packs": packs}, ensure_ascii=True).encode()
+        body = head + b"\n" + index_part
+        put(join(self.dir, "ranges", key), body + hashlib.sha256(body).digest(), durable=False, tag=self.run)
+
+    def get_range(self, key: str) -> tuple[bytes, dict[str, int]] | None:
+        """A remembered range's (index part, counters) if every media file it read is unchanged
+        (same stat key; a missing one still missing) and every pack its rows point to is as it was written (size, mtime,
+        inode); else None."""
+        from pipelines.steps import stat_key
+
+        try:
+            with open(os.path.join(self.dir, "ranges", key), "rb") as f:
+                blob = f.read()
+        except OSError:
+            return None
+        body = blob[:-32]
+        if len(blob) < 33 or hashlib.sha256(body).digest() != blob[-32:]:
+            return None
+        head, _, part = body.partition(b"\n")
+        meta = json.loads(head)
+        if any(stat_key(path) != key for path, key in meta["files"]):
+            return None
+        if any(self._pack_stat(pack) != stat for pack, stat in meta["packs"].items()):
+            return None  # a pack rewritten, cut or gone since: its rows are looked up (and checked) one by one
+        return part, meta["counts"]
+
+    def _pack_stat(self, pack: str) -> list[int] | None:
+        try:
+            st = os.stat(os.path.join(self.dir, f"{pack}.pack"))
+        except OSError:
+            return None
+        return [st.st_size, st.st_mtime_ns, st.st_ino]
 
     # -- reading ------------------------------------------------------------------------
     def media_hash(self, stat_key: str) -> str | None:

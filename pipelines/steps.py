@@ -8,6 +8,7 @@ import os
 from typing import NamedTuple
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from mmprep.config import PrepareConfig
@@ -87,6 +88,8 @@ class ProcessRangeFn(beam.DoFn):
         self.kept = Metrics.counter("process", "kept")
         self.reused = Metrics.counter("process", "reused")
         self.fresh = Metrics.counter("process", "processed")
+        self.ranges_reused = Metrics.counter("process", "ranges_reused")
+        self.files = None
 
     def setup(self) -> None:
         from mmprep.staged import context_digest
@@ -103,12 +106,25 @@ class ProcessRangeFn(beam.DoFn):
         from pipelines.files import join, put, table_bytes
         from pipelines.plan import INDEX_SCHEMA, index_row
 
+        part = join(self.work, "index", f"{rng.order:012d}.parquet")
+        key = range_key(rng, self.context, self.cfg.text.max_tokens) if self.reuse and self.store.local else None
+        found = self.store.get_range(key) if key else None
+        if found is not None:  # the whole range as the last run left it: no row is parsed or looked up
+            data, counts = found
+            put(part, data)
+            for name, n in counts.items():
+                Metrics.counter(*name.split(".", 1)).inc(n)
+            self.ranges_reused.inc()
+            self.progress.add(counts["read.rows"])
+            yield {"part": part, "rows": counts["read.rows"]}
+            return
         results: list = []
         staged: list[tuple[str, bytes]] = []
         todo: list[tuple[int, RawRow, dict, str]] = []  # rows to process: (position, row, media, entry name)
         todo_bytes = 0
         running = None  # the batch in the child while this thread reads and looks up the next one
         self.memo = []  # (stat key, content sha256) of media files read in this range
+        self.files: list[tuple[str, str | None]] | None = []  # (path, stat key) of the range's media files
         for row in read_range(rng, self.cfg.max_file_bytes):
             self.rows.inc()
             result = row if isinstance(row, Reject) else self.look_up(row)
@@ -127,8 +143,10 @@ class ProcessRangeFn(beam.DoFn):
         self.process_rows(todo, results, staged)
         locations = self.store.write_pack(staged, self.memo)  # the new entries of this range: one file
         rows = [index_row(r if isinstance(r, Reject) or ":" in r.entry else r._replace(entry=locations[r.entry])) for r in results]
-        part = join(self.work, "index", f"{rng.order:012d}.parquet")
-        put(part, table_bytes(rows, INDEX_SCHEMA))
+        data = table_bytes(rows, INDEX_SCHEMA)
+        put(part, data)
+        if key and self.files is not None and not any(isinstance(r, Reject) and r.reason in UNCACHED for r in results):
+            self.store.put_range(key, data, range_counts(results), self.files)
         yield {"part": part, "rows": len(rows)}
 
     def done(self, result: Kept | Reject) -> None:
@@ -157,6 +175,9 @@ class ProcessRangeFn(beam.DoFn):
         # they are hashed once loaded, like URIs
         paths = {m: p for m, p in (("image", row.image), ("audio", row.audio), ("text", row.text_path)) if p is not None and m not in row.media}
         stats = {m: stat_key(p) for m, p in paths.items()}
+        if self.files is not None:  # a range can be reused whole only if all its media are local files (or missing ones)
+            remote = row.media or any("://" in p for p in paths.values())
+            self.files = None if remote else [*self.files, *((paths[m], k) for m, k in stats.items())]
         if self.reuse and paths and not row.media and all(stats.values()):
             # unchanged files (same path, size, mtime, ctime, inode) have their content hash
             # remembered: a cached row is then reused without reading its media at all
@@ -250,6 +271,37 @@ class ProcessRangeFn(beam.DoFn):
             return None
         self.reused.inc()
         return found if isinstance(found, Reject) else Kept(*found[:5], location, *found[5:])
+
+
+def range_key(rng: Range, context: str, max_tokens: int) -> str | None:
+    """The name under which a whole range's result is cached: everything that decides it
+    besides its media files (whose stat keys are checked on reuse) — the params digest, the
+    range's place in the input and its bytes (a JSONL/CSV range; a directory range's listing).
+    None for Parquet and WebDataset ranges (their media are in the input: rows are reused one
+    by one)."""
+    if rng.kind in ("jsonl", "csv"):
+        with FileSystems.open(rng.path, compression_type="uncompressed") as f:
+            f.seek(rng.start)
+            content = hashlib.sha256(f.read(rng.stop - rng.start)).hexdigest()
+    elif rng.kind == "directory":
+        content = hashlib.sha256(repr(rng.rows).encode("utf-8", "surrogateescape")).hexdigest()
+    else:
+        return None
+    # not the byte offsets: a longer line earlier in the file moves them, not the rows that follow
+    place = repr((rng.kind, rng.path, rng.line, rng.order, rng.rows if rng.kind == "csv" else ()))
+    return hashlib.sha256(f"{context}|{max_tokens}|{place}|{content}".encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def range_counts(results: list[Kept | Reject]) -> dict[str, int]:
+    """The Beam counters a reused range adds, as its first run counted them (less `processed`)."""
+    counts = {"read.rows": len(results), "process.kept": 0, "process.reused": 0}
+    for r in results:
+        if isinstance(r, Reject):
+            counts[f"rejects.{r.reason}"] = counts.get(f"rejects.{r.reason}", 0) + 1
+        else:
+            counts["process.kept"] += 1
+        counts["process.reused"] += not (isinstance(r, Reject) and r.stage == "read")
+    return counts
 
 
 def stat_key(path: str) -> str | None:

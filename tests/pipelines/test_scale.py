@@ -245,3 +245,32 @@ def test_a_row_kept_without_its_missing_file_is_processed_again_once_the_file_ex
     (tmp_path / "late.png").write_bytes(png(rng))
     after, rows = prepared("c")
     assert after["process.processed"] == 1 and rows["late"]["has_image"]
+
+
+def test_a_rerun_reuses_whole_unchanged_ranges_and_rebuilds_the_rest(tmp_path, capsys):
+    """Appending rows keeps every earlier range as it was: those are reused whole (no row
+    parsed or looked up); an edited line costs its own range only, a changed pack its ranges."""
+    root = tmp_path / "corpus"
+    write_demo_corpus(root, samples=400, seed=3)  # with its dirt: missing files, bad rows (still missing: still reusable)
+    manifest = root / "manifest.jsonl"  # one manifest that grows (its name is in every row's source)
+    lines = [x for x in manifest.read_bytes().splitlines(keepends=True) if x.strip()]
+    manifest.write_bytes(b"".join(lines[:380]))
+    cache = str(tmp_path / "cache")
+    first = run(capsys, manifest, tmp_path / "a", "--cache", cache)
+    assert first.get("process.ranges_reused", 0) == 0
+    manifest.write_bytes(b"".join(lines))  # 20 rows appended
+    ranges = len(read.plan_input("manifest", str(manifest)).ranges)
+    again = run(capsys, manifest, tmp_path / "b", "--cache", cache)
+    assert ranges - 3 <= again["process.ranges_reused"] < ranges  # the last range(s) hold the new rows
+    assert again["process.processed"] <= 20
+    assert run(capsys, manifest, tmp_path / "b2", "--cache", cache)["process.ranges_reused"] == ranges
+    run(capsys, manifest, tmp_path / "scratch-b", "--no-cache")
+    edited = list(lines)
+    edited[5] = edited[5].replace(b'"label": "', b'"label": "x')  # another label on row 6: its range is rebuilt
+    assert edited[5] != lines[5]
+    manifest.write_bytes(b"".join(edited))
+    third = run(capsys, manifest, tmp_path / "c", "--cache", cache)
+    assert third["process.ranges_reused"] == ranges - 1 and third["process.processed"] == 1
+    run(capsys, manifest, tmp_path / "scratch-c", "--no-cache")
+    for name in ("b", "b2", "c"):
+        assert digests(tmp_path / name) == digests(tmp_path / f"scratch-{name[0]}")
