@@ -140,8 +140,8 @@ class Store:
 
     def get_range(self, key: str) -> tuple[bytes, dict[str, int]] | None:
         """A remembered range's (index part, counters) if every media file it read is unchanged
-        (same stat key; a missing one still missing) and every pack its rows point to is as it was written (size, mtime,
-        inode); else None."""
+        (same stat key; a missing one still missing) and every pack its rows point to is as it was written (size and
+        mtime); else None."""
         from pipelines.steps import stat_key
 
         try:
@@ -165,7 +165,7 @@ class Store:
             st = os.stat(os.path.join(self.dir, f"{pack}.pack"))
         except OSError:
             return None
-        return [st.st_size, st.st_mtime_ns, st.st_ino]
+        return [st.st_size, st.st_mtime_ns]  # not the inode: a cache copied with its times (cp -p) stays valid
 
     # -- reading ------------------------------------------------------------------------
     def media_hash(self, stat_key: str) -> str | None:
