@@ -176,8 +176,10 @@ class ProcessRangeFn(beam.DoFn):
         paths = {m: p for m, p in (("image", row.image), ("audio", row.audio), ("text", row.text_path)) if p is not None and m not in row.media}
         stats = {m: stat_key(p) for m, p in paths.items()}
         if self.files is not None:  # a range can be reused whole only if all its media are local files (or missing ones)
-            remote = row.media or any("://" in p for p in paths.values())
-            self.files = None if remote else [*self.files, *((paths[m], k) for m, k in stats.items())]
+            if row.media or any("://" in p for p in paths.values()):
+                self.files = None
+            else:
+                self.files.extend((paths[m], k) for m, k in stats.items())
         if self.reuse and paths and not row.media and all(stats.values()):
             # unchanged files (same path, size, mtime, ctime, inode) have their content hash
             # remembered: a cached row is then reused without reading its media at all
