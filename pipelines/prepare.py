@@ -68,8 +68,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     """mmprep's own options, and the rest for Beam; a flag that neither knows is an InputError
     naming the closest known one (Beam itself would only log a warning and drop it)."""
     parser = Parser(prog="mmprep prepare", description="Raw corpus → clean, labeled, split WebDataset shards + tables "
-                    "(Apache Beam, local or a cluster).", epilog=PREPARE_EPILOG,
-                                     formatter_class=HelpFormatter, allow_abbrev=False)
+                    "(Apache Beam, local or a cluster).", epilog=PREPARE_EPILOG, formatter_class=HelpFormatter,
+                    allow_abbrev=False)
     parser.add_argument("--input", required=True, help="manifest (.jsonl/.csv/.parquet), directory layout, Hugging Face Parquet, "
                         "or WebDataset tars (a .tar, folder, comma list, {000..009} pattern); local or URI")
     parser.add_argument("--output", required=True, help="output directory (local or URI)")
