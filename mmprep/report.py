@@ -39,11 +39,18 @@ def build_report(data: str, output: str | None = None, per_label: int = 3, max_l
         raise FileNotFoundError(f"{done} not found: not a complete prepared dataset (run mmprep prepare)")
     with open(done, encoding="utf-8") as f:
         ds = json.load(f)
-    manifest = pq.read_table(os.path.join(data, "manifest.parquet"),
-                             columns=["key", "id", "split", "shard", "label", "group", "has_image", "has_audio", "has_text"])
-    rejects = pq.read_table(os.path.join(data, "rejects.parquet")).to_pylist()
-    keys, splits, labels, shards, groups = (manifest[c].to_pylist() for c in ("key", "split", "label", "shard", "group"))
-    ids = manifest["id"].to_pylist()
+    path = os.path.join(data, "manifest.parquet")
+    names = pq.read_schema(path).names
+    missing = [c for c in ("key", "split", "label") if c not in names]
+    if missing:
+        raise ValueError(f"{path}: not an mmprep manifest (no column {', '.join(missing)})")
+    has_groups = "group" in names  # datasets prepared before the column existed have none
+    manifest = pq.read_table(path, columns=[c for c in ("key", "id", "split", "label", "group") if c in names])
+    rejects_path = os.path.join(data, "rejects.parquet")
+    rejects = pq.read_table(rejects_path).to_pylist() if os.path.exists(rejects_path) else []  # a hand-made dataset may have none
+    keys, splits, labels = (manifest[c].to_pylist() for c in ("key", "split", "label"))
+    groups = manifest["group"].to_pylist() if has_groups else list(keys)
+    ids = manifest["id"].to_pylist() if "id" in names else list(keys)
 
     gallery = _gallery_keys(keys, labels, per_label, max_labels)
     group_sizes = Counter(groups)
@@ -61,7 +68,9 @@ def build_report(data: str, output: str | None = None, per_label: int = 3, max_l
         ("distributions", "Distributions", _distributions_section(ds, scan)),
         ("gallery", "Gallery", _gallery_section(data, ds, gallery, scan["samples"], dict(zip(keys, ids, strict=True)))),
         ("duplicates", "Duplicates and leakage", _duplicates_section(ds, rejects, keys, splits, groups, group_sizes, big_groups,
-                                                                      members_of, scan["samples"])),
+                                                                      members_of, scan["samples"]) if has_groups else
+         "<p>This dataset's manifest.parquet has no <code>group</code> column (prepared by an older mmprep): "
+         "prepare it again to see its split groups and the leakage check.</p>"),
         ("card", "Dataset card", _card_section(ds)),
     ]
     subtitle = f"{esc(os.path.abspath(data))} · {ds['counts']['kept']:,} samples in {len(ds['shards'])} shards"

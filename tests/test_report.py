@@ -163,3 +163,14 @@ def test_the_report_renders_in_a_real_browser_with_images_charts_and_playable_au
 
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert pixels.shape == (4000, 1280) and pixels.std() > 20  # a page with pictures, not a blank one
+
+
+def test_a_dataset_prepared_before_split_groups_were_recorded_still_gets_its_report(prepared, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(prepared, old)
+    table = pq.read_table(old / "manifest.parquet")
+    pq.write_table(table.drop_columns(["group"]), old / "manifest.parquet")
+    run = mm("report", "--data", str(old))
+    assert run.returncode == 0, run.stderr[-2000:]
+    text = (old / "report.html").read_text()
+    assert "no <code>group</code> column" in text and "<audio " in text
