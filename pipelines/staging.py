@@ -24,15 +24,6 @@ from apache_beam.io.filesystems import FileSystems
 from pipelines.files import is_local, join, put
 
 
-def _packs(index_part: bytes) -> set[str]:
-    """The packs an index part's kept rows point to (entry locations are PACK:OFFSET:LENGTH)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    entries = pq.read_table(pa.BufferReader(index_part), columns=["entry"])["entry"].to_pylist()
-    return {e.split(":", 1)[0] for e in entries if e and ":" in e}
-
-
 def rows_dir(store_root: str, context: str) -> str:
     """The store's directory for one params digest."""
     return join(store_root, f"rows-{context[:16]}")
@@ -130,10 +121,12 @@ class Store:
         put(join(self.dir, f"{pack}.idx"), ("\n".join(index) + "\n").encode(), durable=False, tag=self.run)
         return locations
 
-    def put_range(self, key: str, index_part: bytes, counts: dict[str, int], files: list[tuple[str, str | None]]) -> None:
-        """Remember a whole range: its index part, counters and the stat keys of its media
-        files, in one file `ranges/KEY` (JSON line, the part, a checksum)."""
-        packs = {p: self._pack_stat(p) for p in sorted(_packs(index_part))}
+    def put_range(self, key: str, index_part: bytes, counts: dict[str, int], files: list[tuple[str, str | None]],
+                  locations: list[str]) -> None:
+        """Remember a whole range: its index part, counters, the stat keys of its media files
+        and of the packs its rows' entry `locations` point to, in one file `ranges/KEY` (JSON
+        line, the part, a checksum)."""
+        packs = {p: self._pack_stat(p) for p in sorted({loc.split(":", 1)[0] for loc in locations})}
         head = json.dumps({"counts": counts, "files": files, "packs": packs}, ensure_ascii=True).encode()
         body = head + b"\n" + index_part
         put(join(self.dir, "ranges", key), body + hashlib.sha256(body).digest(), durable=False, tag=self.run)

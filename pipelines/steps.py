@@ -146,7 +146,7 @@ class ProcessRangeFn(beam.DoFn):
         data = table_bytes(rows, INDEX_SCHEMA)
         put(part, data)
         if key and self.files is not None and not any(isinstance(r, Reject) and r.reason in UNCACHED for r in results):
-            self.store.put_range(key, data, range_counts(results), self.files)
+            self.store.put_range(key, data, range_counts(results), self.files, [r["entry"] for r in rows if r.get("entry")])
         yield {"part": part, "rows": len(rows)}
 
     def done(self, result: Kept | Reject) -> None:

@@ -174,3 +174,17 @@ def test_a_dataset_prepared_before_split_groups_were_recorded_still_gets_its_rep
     assert run.returncode == 0, run.stderr[-2000:]
     text = (old / "report.html").read_text()
     assert "no <code>group</code> column" in text and "<audio " in text
+
+
+def test_a_text_only_dataset_gets_a_report_without_images_or_audio(tmp_path):
+    """Data the demo never makes: no image or audio at all (no such features in dataset.json)."""
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps({"id": f"r{i}", "text": f"note number {i} — ünïcode 文字", "label": "ab"[i % 2]})
+                                  for i in range(40)) + "\n", encoding="utf-8")
+    run = mm("prepare", "--input", str(manifest), "--output", str(tmp_path / "out"), "--no-cache")
+    assert run.returncode == 0, run.stderr[-2000:]
+    run = mm("report", "--data", str(tmp_path / "out"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    text = (tmp_path / "out" / "report.html").read_text()
+    assert "<audio " not in text and 'alt="image of' not in text and "token length" in text
+    assert text.count('<div class="sample">') == 6  # 3 per label

@@ -23,7 +23,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
 
-from mmprep.shards import load_npy
+from mmprep.shards import TarDamage, load_npy, tar_entries
 
 if TYPE_CHECKING:
     import datasets
@@ -102,71 +102,14 @@ def _raise(exn: Exception) -> bool:
     raise ShardError(f"unreadable shard data: {exn}") from exn
 
 
-_BLOCK = 512
-
-
-def _octal(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:  # GNU base-256
-        return int.from_bytes(field[1:], "big")
-    return int(field.rstrip(b"\0 ").strip() or b"0", 8)
-
-
 def tar_members(stream: Any, url: str) -> Iterator[dict[str, Any]]:
-    """Regular-file members of a tar stream as webdataset's {fname, data, __url__} dicts.
-
-    Replaces Python's tarfile on the training hot path (tarfile costs ~50 µs per member;
-    this reads a shard ~6x faster). Reads ustar/POSIX headers with their checksum
-    verified, PAX `path` and GNU long names; skips directories, links and other
-    non-files as webdataset does. A stream that ends inside a member or without the
-    end-of-archive blocks is a ShardError: truncation is never a silent short epoch."""
-    long_name: str | None = None
-    while True:
-        header = stream.read(_BLOCK)
-        if len(header) < _BLOCK:
-            where = "inside a member header" if header else "without the end-of-archive marker"
-            raise ShardError(f"{url}: truncated shard (ends {where})")
-        if header.count(0) == _BLOCK:
-            return
-        if _octal(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
-            raise ShardError(f"{url}: corrupt shard (bad tar header checksum)")
-        size, kind = _octal(header[124:136]), header[156:157]
-        data = stream.read(size)
-        if len(data) < size:
-            raise ShardError(f"{url}: truncated shard (ends inside a member)")
-        stream.read(-size % _BLOCK)
-        if kind in (b"x", b"L"):  # metadata for the next member
-            long_name = _pax_path(data) if kind == b"x" else data.rstrip(b"\0").decode("utf-8", "replace")
-            continue
-        name = long_name or _ustar_name(header)
-        long_name = None
-        if kind in (b"0", b"\0", b"7"):
+    """Regular-file members of a tar stream as webdataset's {fname, data, __url__} dicts
+    (`mmprep.shards.tar_entries`: checksummed headers, truncation an error)."""
+    try:
+        for name, data in tar_entries(stream, url):
             yield {"fname": name, "data": data, "__url__": url}
-
-
-def _ustar_name(header: bytes) -> str:
-    name = header[:100].split(b"\0", 1)[0]
-    if header[257:262] == b"ustar":
-        prefix = header[345:500].split(b"\0", 1)[0]
-        if prefix:
-            name = prefix + b"/" + name
-    return name.decode("utf-8", "replace")
-
-
-def _pax_path(data: bytes) -> str | None:
-    """The `path` record of a PAX extended header ("LEN key=value\n" records)."""
-    pos = 0
-    while pos < len(data):
-        space = data.find(b" ", pos)
-        if space < 0:
-            break
-        length = int(data[pos:space])
-        if length <= space - pos:
-            raise ValueError(f"malformed PAX record length {length}")
-        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
-        if key == b"path":
-            return value.decode("utf-8", "replace")
-        pos += length
-    return None
+    except TarDamage as err:
+        raise ShardError(str(err)) from None
 
 
 def read_shards(urls: list[str], index: dict[str, dict] | None = None) -> Iterator[dict[str, Any]]:

@@ -197,10 +197,9 @@ def write_html(metrics: dict[str, Any], run_dir: str, data_dir: str, confusion_p
 
 def plot_confusion(cm: np.ndarray, names: list[str], path: str) -> bytes:
     """The confusion matrix as a PNG file at `path`; returns its bytes (for the HTML report)."""
-    import matplotlib
+    from mmprep.webpage import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     size = max(4.0, 0.45 * len(names) + 2)
     fig, ax = plt.subplots(figsize=(size, size))

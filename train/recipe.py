@@ -381,10 +381,9 @@ def _export(run_dir, data_dir, model, cfg, spec, history, result) -> None:
 
 
 def _plot(history: list[dict[str, float]], path: str) -> None:
-    import matplotlib
+    from mmprep.webpage import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
     epochs = [h["epoch"] for h in history]
