@@ -21,7 +21,8 @@ class AudioResult:
 
 
 def decode_audio(data: bytes, cfg: AudioConfig) -> tuple[np.ndarray, int, dict[str, Any]]:
-    """Mono float32 at the file's own rate, and the original's metadata.
+    """Mono float32 at the file's own rate (the mean of its channels, not yet validated:
+    `process_waveform` does that), and the original's metadata.
 
     The header's duration is checked before reading, so a huge file is refused (or only its
     first max_duration seconds are read, with too_long: crop) without allocating it whole."""
@@ -39,18 +40,35 @@ def decode_audio(data: bytes, cfg: AudioConfig) -> tuple[np.ndarray, int, dict[s
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError) as err:
         raise RecordError("audio_undecodable", str(err).strip().splitlines()[0][:200]) from None
     meta["duration"] = round(frames / sr if frames > 0 else wave.shape[0] / sr, 4)
-    if wave.shape[0] == 0:
+    return wave.mean(axis=1, dtype=np.float64).astype(np.float32), sr, meta
+
+
+def process_waveform(mono: np.ndarray, sr: int, meta: dict[str, Any], cfg: AudioConfig) -> AudioResult:
+    """The checks and steps every decoded waveform goes through, whatever it came from (an
+    audio file, a video's sound track): validate, cut to max_duration, resample, crop/pad,
+    normalize, features. `meta` is the source's metadata; a "duration" is added when absent.
+
+    A NaN anywhere in a frame's channels makes their mean NaN (and +inf with -inf too), so
+    checking the mono mix finds what checking the channels would."""
+    if "duration" not in meta:
+        meta = {**meta, "duration": round(mono.shape[0] / sr, 4)}
+    if mono.shape[0] == 0:
         raise RecordError("audio_too_short", "no samples")
-    if not np.isfinite(wave).all():
+    if not np.isfinite(mono).all():
         raise RecordError("audio_nonfinite", "samples contain NaN or infinity")
-    mono = wave.mean(axis=1, dtype=np.float64).astype(np.float32)
+    limit = int(cfg.max_duration * sr)
+    if mono.shape[0] > limit:  # an audio file was cut while reading (decode_audio); a track is cut here
+        if cfg.too_long == "reject":
+            raise RecordError("audio_too_long", f"{mono.shape[0] / sr:.2f}s > max_duration={cfg.max_duration}")
+        mono = mono[:limit]
     if mono.shape[0] / sr < cfg.min_duration:
         raise RecordError("audio_too_short", f"{mono.shape[0] / sr:.3f}s < min_duration={cfg.min_duration}")
     rms = float(np.sqrt(np.mean(np.square(mono, dtype=np.float64))))
     level = 20 * np.log10(rms) if rms > 0 else -np.inf
     if level < cfg.silence_db:
         raise RecordError("audio_silent", f"RMS {level:.1f} dBFS < silence_db={cfg.silence_db}")
-    return mono, sr, meta
+    wave = prepare_waveform(mono, sr, cfg)
+    return AudioResult(features=waveform_features(wave, cfg), meta=meta)
 
 
 def resample(mono: np.ndarray, sr: int, target: int) -> np.ndarray:
@@ -144,5 +162,4 @@ def waveform_features(wave: np.ndarray, cfg: AudioConfig) -> np.ndarray:
 
 def process_audio(data: bytes, cfg: AudioConfig) -> AudioResult:
     mono, sr, meta = decode_audio(data, cfg)
-    wave = prepare_waveform(mono, sr, cfg)
-    return AudioResult(features=waveform_features(wave, cfg), meta=meta)
+    return process_waveform(mono, sr, meta, cfg)

@@ -35,12 +35,13 @@ def _demo_corpus(argv: list[str]) -> int:
     parser.add_argument("out", help="output directory (manifest.jsonl + media/)")
     parser.add_argument("--samples", type=int, default=None, help="number of samples (default: params or 2000)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: params or 0)")
+    parser.add_argument("--video", type=float, default=None, help="share of clean rows that are video clips (default: params or 0)")
     parser.add_argument("--params", default=None, help="params.yaml (section demo_corpus)")
     args = _args(parser, argv)
     cfg = load_params(args.params).demo_corpus
     from mmprep.config import params_from_dict, to_dict
 
-    overrides = {k: v for k, v in (("samples", args.samples), ("seed", args.seed)) if v is not None}
+    overrides = {k: v for k, v in (("samples", args.samples), ("seed", args.seed), ("video", args.video)) if v is not None}
     cfg = params_from_dict({"demo_corpus": {**to_dict(cfg), **overrides}}).demo_corpus
     from mmprep.democorpus import write_demo_corpus
 
@@ -101,12 +102,13 @@ def _predict(argv: list[str]) -> int:
     parser.add_argument("--image", default=None, help="an image file")
     parser.add_argument("--audio", default=None, help="an audio file")
     parser.add_argument("--text", default=None, help="the text, inline")
+    parser.add_argument("--video", default=None, help="a video file")
     args = _args(parser, argv)
-    if not (args.image or args.audio or args.text):
-        parser.error("give at least one of --image, --audio, --text")
+    if not (args.image or args.audio or args.text or args.video):
+        parser.error("give at least one of --image, --audio, --text, --video")
     from train.predict import predict
 
-    result = predict(args.model, image=args.image, audio=args.audio, text=args.text)
+    result = predict(args.model, image=args.image, audio=args.audio, text=args.text, video=args.video)
     print(result["label"])
     for label, p in sorted(result["probabilities"].items(), key=lambda kv: -kv[1]):
         print(f"  {label:<30} {p:.3f}")
@@ -161,7 +163,7 @@ COMMANDS = {
     "prepare": (_prepare, "Raw corpus → clean, labeled, split WebDataset shards + tables (Apache Beam, local or a cluster)."),
     "train": (_train, "Train a multimodal fusion model on prepared shards (PyTorch, CPU or GPU, DDP with torchrun)."),
     "evaluate": (_evaluate, "Score a trained run on a split: metrics JSON, confusion matrix, ablation, an HTML report."),
-    "predict": (_predict, "Classify one raw sample (image/audio/text) with a trained run."),
+    "predict": (_predict, "Classify one raw sample (image/audio/text/video) with a trained run."),
     "inspect": (_inspect, "Print what a prepared dataset holds: counts, splits, rejects by reason, features."),
     "verify": (_verify, "Check every shard of a prepared dataset against dataset.json and the manifest (sha256, sizes)."),
     "report": (_report, "Write one offline HTML page about a prepared dataset: counts, distributions, gallery, leakage."),

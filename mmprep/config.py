@@ -26,9 +26,11 @@ class DemoCorpusConfig:
     dirt_ratio: float = 0.05
     task: Literal["combined", "redundant"] = "combined"
     missing: float = 0.0
+    video: float = 0.0
 
     def validate(self) -> None:
         _check(self.samples >= 30, "demo_corpus.samples", "must be >= 30")
+        _check(0.0 <= self.video <= 1.0, "demo_corpus.video", "must be in [0, 1]")
         _check(0.0 <= self.missing <= 1.0, "demo_corpus.missing", "must be in [0, 1]")
         _check(0.0 <= self.dirt_ratio <= 0.5, "demo_corpus.dirt_ratio", "must be in [0, 0.5]")
 
@@ -74,6 +76,27 @@ class AudioConfig:
         _check(self.n_fft >= 16 and self.hop_length >= 1, p + "n_fft", "n_fft >= 16, hop_length >= 1")
         _check(1 <= self.n_mels <= 512, p + "n_mels", "must be in [1, 512]")
         _check(1 <= self.n_mfcc <= self.n_mels, p + "n_mfcc", "must be in [1, n_mels]")
+
+
+@dataclass(frozen=True)
+class VideoConfig:
+    frames: int = 8
+    size: int = 64
+    jpeg_quality: int = 90
+    max_pixels: int = 8_847_360  # 4096x2160
+    max_duration: float = 600.0
+    max_frames: int = 100_000
+    audio_track: Literal["use", "ignore"] = "use"
+    seek: bool = True
+
+    def validate(self) -> None:
+        p = "prepare.video."
+        _check(1 <= self.frames <= 256, p + "frames", "must be in [1, 256]")
+        _check(8 <= self.size <= 1024, p + "size", "must be in [8, 1024]")
+        _check(1 <= self.jpeg_quality <= 100, p + "jpeg_quality", "must be in [1, 100]")
+        _check(self.max_pixels > 0, p + "max_pixels", "must be > 0")
+        _check(self.max_duration > 0, p + "max_duration", "must be > 0")
+        _check(self.max_frames >= 1, p + "max_frames", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -134,11 +157,12 @@ class PrepareConfig:
     on_bad_modality: Literal["reject", "drop"] = "reject"
     split_salt: str = "mmprep"
     splits: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
-    link_modalities: tuple[str, ...] = ("image", "audio", "text")
+    link_modalities: tuple[str, ...] = ("image", "audio", "text", "video")
     phash_distance: int = 6
     max_link_share: float = 0.02
     image: ImageConfig = field(default_factory=ImageConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
     text: TextConfig = field(default_factory=TextConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
@@ -155,11 +179,11 @@ class PrepareConfig:
         _check("train" in self.splits, "prepare.splits", "needs a train ratio")
         _check(all(v >= 0 for v in self.splits.values()), "prepare.splits", "ratios must be >= 0")
         _check(abs(sum(self.splits.values()) - 1.0) < 1e-6, "prepare.splits", "ratios must sum to 1")
-        bad = set(self.link_modalities) - {"image", "audio", "text"}
+        bad = set(self.link_modalities) - {"image", "audio", "text", "video"}
         _check(not bad, "prepare.link_modalities", f"unknown modalities {sorted(bad)}")
         _check(0 <= self.phash_distance <= 32, "prepare.phash_distance", "must be in [0, 32]")
         _check(0 < self.max_link_share <= 1, "prepare.max_link_share", "must be in (0, 1]")
-        for sub in (self.image, self.audio, self.text, self.label, self.shard):
+        for sub in (self.image, self.audio, self.video, self.text, self.label, self.shard):
             sub.validate()
 
 
@@ -167,6 +191,7 @@ class PrepareConfig:
 class TrainConfig:
     fusion: Literal["concat", "weighted_sum", "product", "attention"] = "concat"
     text_encoder: Literal["transformer", "gru"] = "transformer"
+    video_encoder: Literal["gru", "attention"] = "gru"
     width: int = 128
     epochs: int = 10
     batch_size: int = 64
@@ -179,7 +204,7 @@ class TrainConfig:
     modality_dropout: float = 0.2
     single_modality: float = 0.2
     aux_loss: float = 0.5
-    modalities: tuple[str, ...] = ("image", "audio", "text")
+    modalities: tuple[str, ...] = ("image", "audio", "text", "video")
     augment: bool = True
     num_workers: int = 0
     compile: bool = False
@@ -196,8 +221,8 @@ class TrainConfig:
         _check(0.0 <= self.modality_dropout < 1.0, p + "modality_dropout", "must be in [0, 1)")
         _check(0.0 <= self.single_modality <= 1.0, p + "single_modality", "must be in [0, 1]")
         _check(self.aux_loss >= 0.0, p + "aux_loss", "must be >= 0 (0 = no unimodal heads)")
-        bad = [m for m in self.modalities if m not in ("image", "audio", "text")]
-        _check(not bad, p + "modalities", f"unknown modalities {bad} (image, audio, text)")
+        bad = [m for m in self.modalities if m not in ("image", "audio", "text", "video")]
+        _check(not bad, p + "modalities", f"unknown modalities {bad} (image, audio, text, video)")
         _check(bool(self.modalities) and len(set(self.modalities)) == len(self.modalities), p + "modalities",
                "must name each used modality once (at least one)")
         _check(self.num_workers >= 0, p + "num_workers", "must be >= 0")

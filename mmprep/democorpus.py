@@ -6,6 +6,11 @@ label = f"{shape}-{pitch}-{colour}":
   colour (red/blue) is read only in the text (English or Chinese, varied phrasings).
 No single modality determines the label (12 classes; one modality narrows it to 4 or 6).
 
+`video` of the clean rows are video rows instead: a clip (mp4 or webm) of a shape moving left
+or right from a random start, whose sound track carries the pitch (the row names no audio of
+its own), and the caption the colour: label = f"{direction}-{pitch}-{colour}" (8 more classes).
+Every single frame shows the shape somewhere along its path, so only motion tells the direction.
+
 `task="redundant"` writes a second corpus where every modality carries the whole label, each
 with its own reliability (the image shows the right class in 80 % of rows, the audio in 70 %,
 the caption in 65 %, otherwise another class), and `missing` of the clean rows lack one
@@ -52,6 +57,11 @@ EN_SUFFIXES = ("", "", " near the window", " in this photo", " on the left", " t
                " from far away", " at night", " in the corner", ", I guess", " and bright", " under the lamp")
 ZH_SUFFIXES = ("", "", "，在窗边", "，今天", "，我觉得", "，看起来", "，在角落里", "，又一次", "，远远看去", "，很明显")
 ZH_PREFIXES = ("", "", "嗯，", "你看，", "说实话，", "好吧，")
+
+DIRECTIONS = ("left", "right")
+VIDEO_FPS = 12
+# kind -> expected reject reason, for video rows (every 20th video row has one, in turn)
+VIDEO_DIRT: dict[str, str] = {"truncated_video": "video_undecodable", "audio_only_video": "video_no_frames"}
 
 # kind -> expected reject reason (None: kept). Every kind appears in every corpus of >= 200 rows.
 DIRT: dict[str, str | None] = {
@@ -197,6 +207,62 @@ class _Writer:
         }
 
 
+def _clip_frames(rng: np.random.Generator, direction: str) -> list[np.ndarray]:
+    """RGB frames of a random shape crossing ~45 % of a square canvas left or right, from a
+    random start: the shape's place in any one frame says nothing about where it goes."""
+    side = 2 * int(rng.integers(40, 65))  # even: 4:2:0 chroma
+    n = int(rng.integers(12, 19))  # 1.0-1.5 s at VIDEO_FPS
+    canvas = cv2.cvtColor(_image(rng, "square", True), cv2.COLOR_BGR2RGB)
+    canvas = cv2.resize(canvas, (side, side), interpolation=cv2.INTER_AREA)
+    colour = rng.uniform(0, 255, size=3)
+    while abs(colour.mean() - canvas.mean()) < 70:
+        colour = rng.uniform(0, 255, size=3)
+    shape = str(rng.choice(SHAPES))
+    r = rng.uniform(0.10, 0.16) * side
+    travel = rng.uniform(0.40, 0.50) * side * (1 if direction == "right" else -1)
+    x0 = rng.uniform(r, side - r - abs(travel)) + (abs(travel) if direction == "left" else 0)
+    y = rng.uniform(r, side - r)
+    frames = []
+    for k in range(n):
+        frame = canvas.copy()
+        cx = x0 + travel * k / (n - 1)
+        if shape == "circle":
+            cv2.circle(frame, (round(cx), round(y)), round(r), colour.tolist(), -1, cv2.LINE_AA)
+        else:
+            m = 4 if shape == "square" else 3
+            pts = [(cx + r * np.cos(2 * np.pi * j / m), y + r * np.sin(2 * np.pi * j / m)) for j in range(m)]
+            cv2.fillPoly(frame, [np.round(pts).astype(np.int32)], colour.tolist(), cv2.LINE_AA)
+        frames.append(np.clip(frame + rng.normal(0, 4, frame.shape), 0, 255).astype(np.uint8))
+    return frames
+
+
+def _video_row(w: _Writer, rng: np.random.Generator, i: int, row: dict[str, Any], kind: str | None) -> dict[str, Any]:
+    """A clean row turned into a video row (see the module docstring); `kind` a VIDEO_DIRT key."""
+    from mmprep.clips import write_clip
+
+    _, pitch, colour = row["label"].split("-")
+    direction = str(rng.choice(DIRECTIONS))
+    frames = _clip_frames(rng, direction)
+    seconds = len(frames) / VIDEO_FPS
+    track = _tone(rng, pitch, 16000, seconds).astype(np.float32)
+    container, codec = ("webm", "libvpx") if rng.random() < 0.25 else ("mp4", "libx264")
+    if kind == "truncated_video":  # an mp4 cut before its index (moov, written last): nothing decodes
+        container, codec = "mp4", "libx264"
+    buf = io.BytesIO()
+    if kind == "audio_only_video":  # only a sound track, under a video's name
+        sf.write(buf, track, 16000, format="WAV", subtype="PCM_16")
+    else:
+        write_clip(buf, frames, VIDEO_FPS, container=container, codec=codec, audio=track, rate=16000)
+    data = buf.getvalue()
+    if kind == "truncated_video":
+        data = data[: len(data) // 3]
+    for gone in ("image", "audio"):  # written for the row it replaces
+        (w.out / row[gone]).unlink()
+    video = {k: v for k, v in row.items() if k not in ("image", "audio")}
+    video.update(video=w.put(f"{i:06d}.{container}", data), label=f"{direction}-{pitch}-{colour}")
+    return video
+
+
 def _line(row: dict[str, Any]) -> bytes:
     return json.dumps(row, ensure_ascii=False).encode("utf-8")
 
@@ -261,11 +327,16 @@ def _plan(samples: int, dirt_ratio: float, rng: np.random.Generator) -> list[str
 
 
 def write_demo_corpus(out: str | Path, samples: int = 2000, seed: int = 0, dirt_ratio: float = 0.05,
-                      task: str = "combined", missing: float = 0.0) -> dict[str, Any]:
+                      task: str = "combined", missing: float = 0.0, video: float = 0.0) -> dict[str, Any]:
     """Write OUT/manifest.jsonl, OUT/media/*, OUT/dirt.json; byte-identical per arguments.
-    `missing`: share of clean rows that lack one modality (chosen at random); they are kept."""
+    `missing`: share of clean rows that lack one modality (chosen at random); they are kept.
+    `video`: share of the other clean rows (after the first 12) that become video rows (the
+    combined task only); their draws come from a stream of their own, so the other rows are
+    the same whatever `video` is."""
     out = Path(out)
     rng = np.random.Generator(np.random.PCG64(seed))
+    vrng = np.random.Generator(np.random.PCG64([seed, 1]))
+    videos = 0
     w = _Writer(out, rng, task)
     if task == "redundant":
         labels = list(REDUNDANT_CLASSES)
@@ -287,6 +358,15 @@ def write_demo_corpus(out: str | Path, samples: int = 2000, seed: int = 0, dirt_
                 gone = str(rng.choice(["image", "audio", "text"]))  # kept, but not a source of duplicates
                 line = _line({k: v for k, v in row.items() if k != gone})
                 dirt.append({"id": row["id"], "line": i + 1, "kind": f"lacks_{gone}", "reason": None})
+            elif kind == "clean" and task == "combined" and i >= 12 and vrng.random() < video:
+                bad = list(VIDEO_DIRT)[videos // 20 % len(VIDEO_DIRT)] if videos % 20 == 19 else None
+                vrow = _video_row(w, vrng, i, row, bad)
+                line = _line(vrow)
+                videos += 1
+                if bad:
+                    dirt.append({"id": row["id"], "line": i + 1, "kind": bad, "reason": VIDEO_DIRT[bad]})
+                else:
+                    balanced[i] = vrow["label"]
             elif kind == "clean":
                 clean.append(row)
             else:

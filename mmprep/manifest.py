@@ -22,7 +22,9 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"}
 # every container libsndfile reads by content (the extension only sorts files in a directory layout)
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".snd", ".caf", ".w64", ".rf64"}
 TEXT_EXTS = {".txt"}
-MODALITY_COLUMNS = ("image", "audio", "text")
+# containers FFmpeg (PyAV) reads by content; the extension only sorts files in a directory layout
+VIDEO_EXTS = {".mp4", ".m4v", ".mkv", ".webm", ".mov", ".avi", ".mpg", ".mpeg", ".ts", ".3gp", ".ogv", ".flv", ".wmv"}
+MODALITY_COLUMNS = ("image", "audio", "text", "video")
 MAX_DEPTH = 32  # nesting of an extra field's value (lists/objects); deeper is a bad_field
 CSV_RECORD_BYTES = 4 << 20  # a quoted CSV field may run over several lines, up to this many bytes
 csv.field_size_limit(2**31 - 1)  # a long caption on one line is a row (text is capped later), not an error
@@ -108,7 +110,7 @@ def parse_record(obj: dict[str, Any], source: str, order: int, base: str) -> Raw
     except TypeError as err:
         return read_reject(source, order, "bad_field", f"'id' must be a UTF-8 string, got {err}", printable(raw_id) if isinstance(raw_id, str) else None)
     fields: dict[str, str | None] = {}
-    for name in ("image", "audio", "text", "label"):
+    for name in ("image", "audio", "text", "video", "label"):
         value = obj.get(name)
         if _is_null(value):
             fields[name] = None
@@ -122,7 +124,7 @@ def parse_record(obj: dict[str, Any], source: str, order: int, base: str) -> Raw
     if obj.get("text") == "":
         fields["text"] = ""  # an empty caption was declared: the text stage rejects it as text_empty
     if all(fields[m] is None for m in MODALITY_COLUMNS):
-        return read_reject(source, order, "no_modality", "no image, audio or text", sample_id)
+        return read_reject(source, order, "no_modality", "no image, audio, text or video", sample_id)
     extra: dict[str, Any] = {}
     for key, value in sorted(obj.items(), key=lambda kv: str(kv[0])):
         if key in ("id", *MODALITY_COLUMNS, "label"):
@@ -139,6 +141,7 @@ def parse_record(obj: dict[str, Any], source: str, order: int, base: str) -> Raw
         image=resolve_path(base, fields["image"]) if fields["image"] else None,
         audio=resolve_path(base, fields["audio"]) if fields["audio"] else None,
         text=fields["text"],
+        video=resolve_path(base, fields["video"]) if fields["video"] else None,
         label=fields["label"],
         extra=extra,
     )
@@ -229,6 +232,8 @@ def kind_of(ext: str) -> str:
         return "audio"
     if ext in TEXT_EXTS:
         return "text"
+    if ext in VIDEO_EXTS:
+        return "video"
     return "other"
 
 
@@ -240,7 +245,7 @@ def directory_row(stem: str, files: dict[str, list[str]], order: int, source: st
             return read_reject(source, order, "bad_field", f"several {kind} files for one sample: {names}", stem)
     if not any(kind in files for kind in MODALITY_COLUMNS):
         names = ", ".join(posixpath.basename(p) for p in files.get("other", []))
-        return read_reject(source, order, "no_modality", f"no image, audio or text file of a supported type ({names})", stem)
+        return read_reject(source, order, "no_modality", f"no image, audio, text or video file of a supported type ({names})", stem)
     if has_surrogates(stem):
         return read_reject(source, order, "bad_field", "the file name is not valid UTF-8", printable(stem))
     parts = stem.split("/")
@@ -252,6 +257,7 @@ def directory_row(stem: str, files: dict[str, list[str]], order: int, source: st
         image=files.get("image", [None])[0],
         audio=files.get("audio", [None])[0],
         text_path=files.get("text", [None])[0],
+        video=files.get("video", [None])[0],
         label=label,
         # files of no supported type beside the sample are not dropped silently: the metadata names them
         extra={"ignored_files": [posixpath.basename(p) for p in files["other"]]} if files.get("other") else {},
@@ -260,7 +266,7 @@ def directory_row(stem: str, files: dict[str, list[str]], order: int, source: st
 
 # --- Parquet as Hugging Face `datasets` writes it -------------------------------------------
 
-HF_MEDIA_TYPES = {"image": "Image", "audio": "Audio"}
+HF_MEDIA_TYPES = {"image": "Image", "audio": "Audio", "video": "Video"}
 
 
 @dataclass(frozen=True)
@@ -399,7 +405,7 @@ def webdataset_row(key: str, members: list[tuple[str, str, Any]], source: str, o
             return read_reject(source, order, "bad_field", f"several {kind} files for one sample: {names}", key)
     if not any(kind in by_kind for kind in MODALITY_COLUMNS):
         names = ", ".join([*(printable(posixpath.basename(n)) for n, _ in by_kind.get("label", [])), *ignored])
-        return read_reject(source, order, "no_modality", f"no image, audio or text member of a supported type ({names})", key)
+        return read_reject(source, order, "no_modality", f"no image, audio, text or video member of a supported type ({names})", key)
     label = None
     if "label" in by_kind:
         name, content = by_kind["label"][0]
@@ -417,6 +423,7 @@ def webdataset_row(key: str, members: list[tuple[str, str, Any]], source: str, o
         image=shown.get("image"),
         audio=shown.get("audio"),
         text_path=shown.get("text"),
+        video=shown.get("video"),
         label=label,
         extra={"ignored_files": ignored} if ignored else {},
         media=media,

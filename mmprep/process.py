@@ -25,6 +25,10 @@ class _Parts:
     mel: Any = None
     text: str | None = None
     phash: int | None = None
+    video: bytes | None = None
+    vphash: int | None = None
+    want_track: bool = False  # the row names a video and no audio: its sound track is the audio
+    track: tuple[Any, int, dict] | None = None  # that sound track (mono float32, rate, metadata), for the audio path
     meta: dict[str, Any] = field(default_factory=dict)
     hashes: dict[str, str] = field(default_factory=dict)
 
@@ -71,15 +75,53 @@ def _text(value: bytes | str, cfg: PrepareConfig, parts: _Parts) -> None:
     parts.meta["text"] = {"chars": len(text), "truncated": truncated, "sha256": parts.hashes["text"]}
 
 
+def _video(data: bytes, cfg: PrepareConfig, parts: _Parts) -> None:
+    from mmprep.video import process_video
+
+    result = process_video(data, cfg.video, want_track=parts.want_track)
+    parts.video, parts.vphash = result.strip, result.phash
+    parts.hashes["video"] = _sha256(data)
+    meta = {k: v for k, v in result.meta.items() if k != "audio"}
+    parts.meta["video"] = {**meta, "times": result.times, "sha256": parts.hashes["video"]}
+    if not parts.want_track:
+        return
+    track = result.meta.get("audio", {})
+    if result.track is not None and result.track_rate:
+        parts.track = (result.track, result.track_rate, {k: v for k, v in track.items() if k != "error"})
+    else:  # no sound track, or one that does not decode: the video is kept, without audio
+        why = f"its sound track does not decode: {track['error']}" if "error" in track else "the clip has no sound track"
+        parts.meta["video"]["audio_track"] = {"used": False, "reason": "audio_undecodable" if "error" in track else "none", "detail": why}
+
+
+def _sound_track(cfg: PrepareConfig, parts: _Parts) -> None:
+    """A video's sound track through the audio path (same checks, resampling, features) as the
+    row's audio. A track the audio checks refuse (silent, too short) is left out, not the row:
+    a silent video is still a video; its metadata says why there is no audio."""
+    from mmprep.audio import process_waveform
+
+    wave, rate, meta = parts.track
+    parts.track = None
+    try:
+        result = process_waveform(wave, rate, {**meta, "sample_rate": rate, "source": "video"}, cfg.audio)
+    except RecordError as err:
+        parts.meta["video"]["audio_track"] = {"used": False, "reason": err.reason, "detail": err.detail}
+        return
+    parts.mel = result.features
+    parts.hashes["audio"] = _sha256(wave.astype("<f4").tobytes())  # the decoded samples: re-muxed copies match
+    parts.meta["audio"] = {**result.meta, "sha256": parts.hashes["audio"]}
+    parts.meta["video"]["audio_track"] = {"used": True}
+
+
 _HANDLERS: dict[str, Callable[[Any, PrepareConfig, _Parts], None]] = {
     "image": _image,
     "audio": _audio,
     "text": _text,
+    "video": _video,
 }
 
 
 def declared_modalities(row: RawRow) -> list[str]:
-    present = {"image": row.image, "audio": row.audio, "text": row.text if row.text is not None else row.text_path}
+    present = {"image": row.image, "audio": row.audio, "text": row.text if row.text is not None else row.text_path, "video": row.video}
     return [m for m in MODALITIES if present[m] is not None]
 
 
@@ -91,7 +133,9 @@ def process_row(row: RawRow, loaded: Loaded, cfg: PrepareConfig) -> Sample | Rej
     """
     parts = _Parts()
     dropped: dict[str, str] = {}
-    for modality in declared_modalities(row):
+    declared = declared_modalities(row)
+    parts.want_track = "video" in declared and "audio" not in declared and cfg.video.audio_track == "use"
+    for modality in declared:
         value = loaded.get(modality)
         try:
             if isinstance(value, RecordError):
@@ -103,7 +147,9 @@ def process_row(row: RawRow, loaded: Loaded, cfg: PrepareConfig) -> Sample | Rej
             if cfg.on_bad_modality == "reject":
                 return reject(row, RecordError(err.reason, f"{modality}: {err.detail}"))
             dropped[modality] = err.reason
-    if dropped and not (parts.jpg is not None or parts.mel is not None or parts.text is not None):
+    if parts.track is not None:
+        _sound_track(cfg, parts)
+    if dropped and not (parts.jpg is not None or parts.mel is not None or parts.text is not None or parts.video is not None):
         detail = ", ".join(f"{m}: {r}" for m, r in sorted(dropped.items()))
         return reject(row, RecordError("no_usable_modality", detail))
     try:
@@ -132,4 +178,6 @@ def process_row(row: RawRow, loaded: Loaded, cfg: PrepareConfig) -> Sample | Rej
         meta=meta,
         hashes=parts.hashes,
         phash=parts.phash,
+        video=parts.video,
+        vphash=parts.vphash,
     )

@@ -18,7 +18,7 @@ REASONS: dict[str, tuple[str, str]] = {
     "bad_field": ("read", "a field has the wrong type (e.g. a number where a path or text belongs)"),
     "missing_id": ("read", "the row has no usable id"),
     "duplicate_id": ("read", "another row already used this id; the first row (by source order) is kept"),
-    "no_modality": ("read", "the row names no image, audio or text"),
+    "no_modality": ("read", "the row names no image, audio, text or video"),
     "missing_file": ("load", "a referenced media file does not exist"),
     "unreadable_file": ("load", "a referenced media file could not be read"),
     "empty_file": ("load", "a referenced media file has zero bytes"),
@@ -32,6 +32,10 @@ REASONS: dict[str, tuple[str, str]] = {
     "audio_too_short": ("audio", "shorter than prepare.audio.min_duration"),
     "audio_too_long": ("audio", "longer than prepare.audio.max_duration (with too_long: reject)"),
     "audio_silent": ("audio", "RMS level below prepare.audio.silence_db"),
+    "video_undecodable": ("video", "not a video (or a still image), truncated before any frame, or an unsupported format"),
+    "video_too_large": ("video", "the header or a decoded frame has more pixels than prepare.video.max_pixels (bomb guard)"),
+    "video_too_long": ("video", "longer than prepare.video.max_duration, or more frames than prepare.video.max_frames"),
+    "video_no_frames": ("video", "no video stream (e.g. an audio-only file) or no decodable frame"),
     "text_not_utf8": ("text", "the text is not valid UTF-8"),
     "text_empty": ("text", "the text is empty or whitespace/control characters only"),
     "no_usable_modality": ("clean", "every modality the row named was dropped (on_bad_modality: drop)"),
@@ -43,7 +47,7 @@ REASONS: dict[str, tuple[str, str]] = {
     "processing_error": ("process", "an unexpected error while processing the row (exotic file, a decoder crash, or a bug); detail names it"),
 }
 
-MODALITIES = ("image", "audio", "text")
+MODALITIES = ("image", "audio", "text", "video")
 
 
 class RecordError(Exception):
@@ -71,6 +75,7 @@ class RawRow:
     audio: str | None = None
     text: str | bytes | None = None  # inline str, or raw bytes read from a .txt file
     text_path: str | None = None  # directory layout: the .txt file to read
+    video: str | None = None
     label: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     # media carried in the input itself (a Parquet struct's bytes, a tar member), by modality:
@@ -94,6 +99,8 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict)
     hashes: dict[str, str] = field(default_factory=dict)  # modality -> content hash (exact)
     phash: int | None = None  # 64-bit perceptual hash of the image
+    video: bytes | None = None  # JPEG strip: the sampled frames stacked vertically (mmprep.video)
+    vphash: int | None = None  # 64-bit perceptual hash of the video's sampled frames
     # per-sample normalization sums by modality, (count, scale, int64 [4, dims]) as
     # `staged.sample_stats` makes them when the row is staged: no second decode at writing
     stats: dict[str, Any] = field(default_factory=dict)
@@ -101,7 +108,8 @@ class Sample:
     @property
     def content_signature(self) -> str:
         """Same value iff every present modality has the same content (exact duplicates)."""
-        parts = [f"{m}={self.hashes.get(m, '-')}" for m in MODALITIES]
+        # video joins the signature only when present: the signatures of other rows stay as they were
+        parts = [f"{m}={self.hashes.get(m, '-')}" for m in MODALITIES if m != "video" or "video" in self.hashes]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 

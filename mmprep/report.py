@@ -227,6 +227,20 @@ def _distributions_section(ds: dict, scan: dict) -> str:
     return '<div class="charts">' + "".join(charts) + "</div>\n" + "\n".join(out)
 
 
+def _filmstrip(strip: bytes, frames: int) -> bytes | None:
+    """A stored video strip (frames stacked vertically) laid out left to right, as JPEG."""
+    import cv2
+
+    from mmprep.video import decode_strip
+
+    try:
+        rgb = decode_strip(strip, frames)
+    except ValueError:
+        return None
+    ok, jpg = cv2.imencode(".jpg", np.concatenate(list(rgb), axis=1)[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 85])
+    return jpg.tobytes() if ok else None
+
+
 def _mel_picture(mel: np.ndarray, title: str) -> bytes:
     from mmprep.webpage import figure_png
 
@@ -286,6 +300,10 @@ def _gallery_section(data: str, ds: dict, gallery: list[str], samples: dict[str,
                 from mmprep.webpage import data_uri
 
                 parts.append(f'<audio controls preload="auto" src="{data_uri("audio/wav", wav)}"></audio>')
+        if "video.jpg" in m and "video" in ds["features"]:
+            strip = _filmstrip(m["video.jpg"], ds["features"]["video"]["frames"])
+            if strip is not None:
+                parts.append("<br>" + img("image/jpeg", strip, f"video frames of {key}", height=48))
         if "txt" in m:
             parts.append(f"<div>{esc(m['txt'].decode('utf-8'))}</div>")
         if "tokens.npy" in m and tokenizer is not None:
@@ -294,7 +312,7 @@ def _gallery_section(data: str, ds: dict, gallery: list[str], samples: dict[str,
         cells.append('<div class="sample">' + "".join(parts) + "</div>")
     note = ('<p class="sub">The first samples (in key order) of each label, as stored: the JPEG, the audio features as a '
             "picture, the clip rebuilt from those features (Griffin-Lim: what the model hears, not the original recording), "
-            "the normalized text and its token pieces.</p>")
+            "a video's sampled frames left to right, the normalized text and its token pieces.</p>")
     return note + '<div class="gallery">' + "".join(cells) + "</div>"
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-FIELDS = ("cls", "jpg", "json", "mel.npy", "tokens.npy", "txt")  # the only members a shard may hold
+FIELDS = ("cls", "jpg", "json", "mel.npy", "tokens.npy", "txt", "video.jpg")  # the only members a shard may hold
 SPLITS = ("train", "val", "test")
 MTIME = 946684800  # 2000-01-01T00:00:00Z: fixed so shards are reproducible
 
@@ -61,6 +61,7 @@ def sample_members(
     tokens: np.ndarray | None = None,
     text: str | None = None,
     label_id: int | None = None,
+    video: bytes | None = None,
 ) -> dict[str, bytes]:
     """The tar members of one sample, as {field: bytes}; absent modalities have no member."""
     members: dict[str, bytes] = {"json": dumps_json(meta)}
@@ -72,6 +73,8 @@ def sample_members(
         members["tokens.npy"] = npy_bytes(tokens.astype(np.int32, copy=False))
     if text is not None:
         members["txt"] = text.encode("utf-8")
+    if video is not None:
+        members["video.jpg"] = video  # the sampled frames stacked vertically, one JPEG
     if label_id is not None:
         members["cls"] = str(int(label_id)).encode("ascii")
     return members

@@ -1,7 +1,7 @@
 """Leak-free, stratified, deterministic split assignment.
 
 Samples that share content — the same image/audio bytes, the same text up to case and
-punctuation, or perceptual-hash neighbour images — are grouped (union-find) and a group
+punctuation, or perceptual-hash neighbour images (or videos) — are grouped (union-find) and a group
 lands in one split. A link so common that it would glue a large share of the corpus
 together (a stock caption) is ignored and reported instead.
 """
@@ -26,6 +26,7 @@ class LinkInfo:
     label: str | None
     links: tuple[tuple[str, str], ...]  # (modality, content hash)
     phash: int | None = None
+    vphash: int | None = None  # a video's perceptual hash
 
 
 @dataclass
@@ -93,12 +94,12 @@ def _link_exact(links: dict[str, list[str | int | None]], cfg: PrepareConfig, uf
             start = end
 
 
-def _link_phash(phashes: Sequence[int | None], cfg: PrepareConfig, uf: _UnionFind, ignored: list[dict]) -> None:
+def _link_phash(phashes: Sequence[int | None], cfg: PrepareConfig, uf: _UnionFind, ignored: list[dict], modality: str) -> None:
     """Multi-index hashing: with d+1 bands, two hashes within d bits agree on some band;
     the hashes sharing a band value (a bucket) are compared pairwise with numpy popcounts,
     all buckets of a band at once: step k compares each hash with the k-th next one in its
-    bucket (sorted by band value, then by position)."""
-    if "image" not in cfg.link_modalities:
+    bucket (sorted by band value, then by position). Images and videos each among their own."""
+    if modality not in cfg.link_modalities:
         return
     d = cfg.phash_distance
     index = np.array([i for i, ph in enumerate(phashes) if ph is not None], dtype=np.int64)
@@ -114,7 +115,7 @@ def _link_phash(phashes: Sequence[int | None], cfg: PrepareConfig, uf: _UnionFin
         starts = np.flatnonzero(np.r_[True, values[order][1:] != values[order][:-1]]) if len(order) else order
         lengths = np.diff(np.r_[starts, len(order)])
         for s in np.flatnonzero(lengths > 64 * uf.cap):  # a degenerate band value (e.g. blank images)
-            ignored.append({"modality": "image_phash_band", "hash": f"{band}", "samples": int(lengths[s]), "why": "shared too widely"})
+            ignored.append({"modality": f"{modality}_phash_band", "hash": f"{band}", "samples": int(lengths[s]), "why": "shared too widely"})
         usable = np.repeat(lengths <= 64 * uf.cap, lengths)
         # how many later members of its bucket each position has
         later = np.repeat(starts + lengths, lengths) - np.arange(len(order)) - 1
@@ -131,7 +132,7 @@ def _link_phash(phashes: Sequence[int | None], cfg: PrepareConfig, uf: _UnionFin
     pairs = np.unique(np.concatenate(found), axis=0)  # sorted: closest pairs first
     refused = [(dist, i, j) for dist, i, j in pairs.tolist() if not uf.union(i, j)]
     if refused:
-        ignored.append({"modality": "image_phash", "hash": "", "samples": len(refused), "why": "neighbour links refused: they would glue a too-large group"})
+        ignored.append({"modality": f"{modality}_phash", "hash": "", "samples": len(refused), "why": "neighbour links refused: they would glue a too-large group"})
 
 
 def _salted(salt: str, text: str) -> int:
@@ -182,15 +183,16 @@ def _assign_groups(groups: list[tuple[str, tuple[tuple[str, int], ...]]], cfg: P
 
 def assign_splits(items: Sequence[LinkInfo], cfg: PrepareConfig) -> SplitResult:
     items = sorted(items, key=lambda it: it.key)
-    links = {m: [dict(it.links).get(m) for it in items] for m in ("image", "audio", "text")}
-    return split_columns([it.key for it in items], [it.label for it in items], links, [it.phash for it in items], cfg)
+    links = {m: [dict(it.links).get(m) for it in items] for m in ("image", "audio", "text", "video")}
+    phashes = {"image": [it.phash for it in items], "video": [it.vphash for it in items]}
+    return split_columns([it.key for it in items], [it.label for it in items], links, phashes, cfg)
 
 
 def split_columns(
     keys: list[str],
     labels: list[str | None],
     links: dict[str, list[str | int | None]],  # a content hash (hex, or its first 64 bits as an int)
-    phashes: list[int | None],
+    phashes: dict[str, list[int | None]],  # modality (image, video) → perceptual hashes
     cfg: PrepareConfig,
 ) -> SplitResult:
     """The split of every sample, from columns aligned with `keys` (sorted, unique)."""
@@ -198,7 +200,8 @@ def split_columns(
     uf = _UnionFind(n, _cap(n, cfg))
     ignored: list[dict] = []
     _link_exact(links, cfg, uf, ignored)
-    _link_phash(phashes, cfg, uf, ignored)
+    for modality, column in sorted(phashes.items()):
+        _link_phash(column, cfg, uf, ignored, modality)
     roots = [uf.find(i) for i in range(n)]
     by_root = sorted(range(n), key=roots.__getitem__)
     groups: list[tuple[str, tuple[tuple[str, int], ...]]] = []

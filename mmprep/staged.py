@@ -9,7 +9,7 @@ rows shifts line numbers but reuses every entry; the current values are put back
 
 Layout (no pickle, nothing executable):
     MAGIC | u64 header length | header (ASCII JSON) | payloads | sha256 of everything before
-Payloads: the JPEG, the features (.npy), the text (UTF-8), then the normalization sums as
+Payloads: the JPEG, the features (.npy), the text (UTF-8), the video's frame strip (JPEG), then the normalization sums as
 little-endian int64 arrays [4, dims] per modality (binary: as JSON lists of big integers they
 were most of the header, parsed for every row at reuse and at writing).
 A torn or corrupted entry fails the trailing digest and is treated as absent.
@@ -29,11 +29,11 @@ from mmprep.config import PrepareConfig, to_dict
 from mmprep.records import RawRow, Reject, Sample
 from mmprep.stats import F16_SCALE, feature_parts, image_parts
 
-MAGIC = b"mmprep-staged/4\n"
-FORMAT = 4
+MAGIC = b"mmprep-staged/5\n"
+FORMAT = 5
 # libraries whose output bytes a processed row depends on (decoders, resampling, JPEG)
-_LIBRARIES = ("mmprep", "numpy", "opencv-python-headless", "opencv-python", "soundfile", "soxr", "scipy")
-_PAYLOADS = ("jpg", "mel", "text", "stats")
+_LIBRARIES = ("mmprep", "numpy", "opencv-python-headless", "opencv-python", "soundfile", "soxr", "scipy", "av")
+_PAYLOADS = ("jpg", "mel", "text", "video", "stats")
 
 
 def _library_versions() -> dict[str, str]:
@@ -53,6 +53,7 @@ def row_params(cfg: PrepareConfig) -> dict[str, Any]:
         "on_bad_modality": cfg.on_bad_modality,
         "image": to_dict(cfg.image),
         "audio": to_dict(cfg.audio),
+        "video": to_dict(cfg.video),
         "text_max_chars": cfg.text.max_chars,
         "label": to_dict(cfg.label),
     }
@@ -73,7 +74,7 @@ def entry_name(context: str, row: RawRow, media: dict[str, str]) -> str:
         "label": row.label,
         "text": row.text if isinstance(row.text, str) or row.text is None else row.text.hex(),
         "extra": row.extra,
-        "modalities": [m for m, v in (("image", row.image), ("audio", row.audio), ("text_file", row.text_path)) if v],
+        "modalities": [m for m, v in (("image", row.image), ("audio", row.audio), ("text_file", row.text_path), ("video", row.video)) if v],
         "media": media,
     }
     blob = json.dumps([context, fields], sort_keys=True, ensure_ascii=True, default=str)
@@ -92,8 +93,9 @@ def summary(s: Sample, max_tokens: int) -> dict[str, Any]:
     tokens = np.zeros(max_tokens, dtype=np.int32) if s.text is not None else None
     label_id = LABEL_ID_BOUND if s.label is not None else None
     meta = shard_meta(s, "train", label_id, max_tokens if s.text is not None else None)
-    members = sample_members(s.key, meta=meta, jpg=s.jpg, mel=s.mel, tokens=tokens, text=s.text, label_id=label_id)
-    links = [[m, s.hashes[name][:16]] for m, name in (("image", "image"), ("audio", "audio"), ("text", "text_link")) if name in s.hashes]
+    members = sample_members(s.key, meta=meta, jpg=s.jpg, mel=s.mel, tokens=tokens, text=s.text, label_id=label_id, video=s.video)
+    links = [[m, s.hashes[name][:16]] for m, name in (("image", "image"), ("audio", "audio"), ("text", "text_link"), ("video", "video"))
+             if name in s.hashes]
     return {"signature": s.content_signature[:32], "links": links, "size": member_bytes(members), "max_tokens": max_tokens}
 
 
@@ -109,6 +111,7 @@ def encode(result: Sample | Reject, name: str, summ: dict[str, Any] | None = Non
             "jpg": result.jpg,
             "mel": npy_bytes(result.mel) if result.mel is not None else None,
             "text": result.text.encode("utf-8") if result.text is not None else None,
+            "video": result.video,
         }
         meta = {k: v for k, v in result.meta.items() if k != "source"}
         sums = sample_stats(result)
@@ -122,6 +125,7 @@ def encode(result: Sample | Reject, name: str, summ: dict[str, Any] | None = Non
             "meta": meta,
             "hashes": result.hashes,
             "phash": result.phash,
+            "vphash": result.vphash,
             "sizes": {name: (len(data) if data is not None else None) for name, data in parts.items()},
             "stats": stats,
             "summary": summ,
@@ -144,7 +148,7 @@ def _header(data: bytes) -> tuple[dict, int]:
 
 def peek(data: bytes, name: str, sample_id: str, source: str, order: int, max_tokens: int) -> Reject | tuple | None:
     """A cache hit without decoding the payloads: a Reject, or the fields of the row's light
-    record (key, id, order, source, label, signature, links, phash, text, size) — None when
+    record (key, id, order, source, label, signature, links, phash, text, size, vphash) — None when
     the bytes are another entry's or its size bound was made for another text.max_tokens."""
     header, offset = _header(data)
     if header.get("name") != name:
@@ -160,7 +164,8 @@ def peek(data: bytes, name: str, sample_id: str, source: str, order: int, max_to
         start = offset + (sizes["jpg"] or 0) + (sizes["mel"] or 0)
         text = data[start : start + sizes["text"]].decode("utf-8")
     links = tuple(tuple(link) for link in summ["links"])
-    return (header["key"], sample_id, order, source, header["label"], summ["signature"], links, header["phash"], text, summ["size"])
+    return (header["key"], sample_id, order, source, header["label"], summ["signature"], links, header["phash"], text, summ["size"],
+            header["vphash"])
 
 
 def decode(data: bytes, sample_id: str, source: str, order: int) -> Sample | Reject:
@@ -195,6 +200,8 @@ def decode(data: bytes, sample_id: str, source: str, order: int) -> Sample | Rej
         meta={**header["meta"], "source": source},
         hashes=header["hashes"],
         phash=header["phash"],
+        video=parts["video"],
+        vphash=header["vphash"],
         stats=_stats(header["stats"], parts["stats"]),
     )
 
@@ -210,6 +217,9 @@ def sample_stats(s: Sample) -> dict[str, tuple[int, int, np.ndarray]]:
         stats["image"] = (int(rgb.shape[0] * rgb.shape[1]), 1, image_parts(rgb))
     if s.mel is not None:
         stats["audio"] = (int(s.mel.shape[1]), F16_SCALE, feature_parts(s.mel))
+    if s.video is not None:
+        rgb = decode_jpg(s.video)  # the frames stacked: per-channel sums over all of them
+        stats["video"] = (int(rgb.shape[0] * rgb.shape[1]), 1, image_parts(rgb))
     return stats
 
 

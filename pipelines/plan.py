@@ -48,7 +48,9 @@ INDEX_SCHEMA = pa.schema(
         ("link_image", pa.string()),
         ("link_audio", pa.string()),
         ("link_text", pa.string()),
+        ("link_video", pa.string()),
         ("phash", pa.int64()),  # the 64-bit perceptual hash, two's complement
+        ("vphash", pa.int64()),  # the video's, the same way
         ("text", pa.string()),
         ("size", pa.int64()),
         ("stage", pa.string()),  # set for a reject
@@ -77,7 +79,7 @@ REJECTS_SCHEMA = pa.schema(
         ("duplicate_of", pa.string()),
     ]
 )
-_LINKS = (("image", "link_image"), ("audio", "link_audio"), ("text", "link_text"))
+_LINKS = (("image", "link_image"), ("audio", "link_audio"), ("text", "link_text"), ("video", "link_video"))
 
 
 def _signed(phash: int | None) -> int | None:
@@ -105,6 +107,7 @@ def index_row(record) -> dict[str, Any]:
         "signature": record.signature,
         **{column: links.get(modality) for modality, column in _LINKS},
         "phash": _signed(record.phash),
+        "vphash": _signed(record.vphash),
         "text": record.text,
         "size": record.size,
     }
@@ -227,7 +230,7 @@ class PlanFn(beam.DoFn):
 
 def _split(kept: pa.Table, keys: list[str], cfg: PrepareConfig):
     links = {m: [None if v is None else int(v, 16) for v in kept[column].to_pylist()] for m, column in _LINKS}
-    phashes = [_unsigned(ph) for ph in kept["phash"].to_pylist()]
+    phashes = {m: [_unsigned(ph) for ph in kept[column].to_pylist()] for m, column in (("image", "phash"), ("video", "vphash"))}
     return split_columns(keys, kept["label"].to_pylist(), links, phashes, cfg)
 
 

@@ -37,14 +37,17 @@ MANIFEST_SCHEMA = pa.schema(
         ("has_image", pa.bool_()),
         ("has_audio", pa.bool_()),
         ("has_text", pa.bool_()),
+        ("has_video", pa.bool_()),
         ("source", pa.string()),
         ("group", pa.string()),
         ("image_sha256", pa.string()),
         ("audio_sha256", pa.string()),
         ("text_sha256", pa.string()),
+        ("video_sha256", pa.string()),
     ]
 )
-VERSIONED = ("mmprep", "apache-beam", "numpy", "opencv-python-headless", "soundfile", "soxr", "scipy", "sentencepiece", "pyarrow")
+VERSIONED = ("mmprep", "apache-beam", "numpy", "opencv-python-headless", "soundfile", "soxr", "scipy", "sentencepiece", "pyarrow", "av")
+MODALITIES = ("image", "audio", "text", "video")
 
 
 WORK = ".mmprep-work"  # inside the output: parts of the tables (and staging with --no-cache); removed at the end
@@ -61,11 +64,13 @@ def manifest_row(s: Sample, split: str, label_id: int | None, shard: str, group:
         "has_image": s.jpg is not None,
         "has_audio": s.mel is not None,
         "has_text": s.text is not None,
+        "has_video": s.video is not None,
         "source": s.source,
         "group": group,
         "image_sha256": s.hashes.get("image"),
         "audio_sha256": s.hashes.get("audio"),
         "text_sha256": s.hashes.get("text"),
+        "video_sha256": s.hashes.get("video"),
     }
 
 
@@ -102,7 +107,8 @@ class WriteShardFn(beam.DoFn):
         name, split = task
         plan = read_table(join(self.work, "plan", f"{name}.parquet"), PLAN_SCHEMA).to_pylist()
         a = self.cfg.audio
-        totals = {"image": MomentSum(3, 1), "audio": MomentSum(a.n_mels if a.feature == "logmel" else a.n_mfcc, F16_SCALE)}
+        totals = {"image": MomentSum(3, 1), "audio": MomentSum(a.n_mels if a.feature == "logmel" else a.n_mfcc, F16_SCALE),
+                  "video": MomentSum(3, 1)}
         rows: list[dict] = []
         labels_seen: Counter = Counter()
         modalities: Counter = Counter()
@@ -117,12 +123,13 @@ class WriteShardFn(beam.DoFn):
                 meta = shard_meta(s, split, label_id, int(tokens.shape[0]) if tokens is not None else None)
                 rows.append(manifest_row(s, split, label_id, name, p["group"]))
                 labels_seen[s.label if s.label is not None else "<unlabeled>"] += 1
-                for m, present in (("image", s.jpg is not None), ("audio", s.mel is not None), ("text", s.text is not None)):
-                    modalities[m] += present
+                for m, data in (("image", s.jpg), ("audio", s.mel), ("text", s.text), ("video", s.video)):
+                    modalities[m] += data is not None
                 if split == "train":
                     for modality, (count, _, parts) in s.stats.items():
                         totals[modality].add(count, parts)
-                yield s.key, sample_members(s.key, meta=meta, jpg=s.jpg, mel=s.mel, tokens=tokens, text=s.text, label_id=label_id)
+                yield s.key, sample_members(s.key, meta=meta, jpg=s.jpg, mel=s.mel, tokens=tokens, text=s.text, label_id=label_id,
+                                            video=s.video)
 
         with atomic_stream(join(self.out, name)) as f:
             sha, size = write_tar(f, samples())
@@ -138,6 +145,7 @@ class WriteShardFn(beam.DoFn):
             "modalities": dict(modalities),
             "image_moments": totals["image"].moments(),
             "audio_moments": totals["audio"].moments(),
+            "video_moments": totals["video"].moments(),
         }
 
 
@@ -186,9 +194,9 @@ class FinalizeFn(beam.DoFn):
         train = [s for s in shards if s["split"] == "train"]
         stats = {}
         a = self.cfg.audio
-        for modality, dims in (("image", 3), ("audio", a.n_mels if a.feature == "logmel" else a.n_mfcc)):
+        for modality, dims in (("image", 3), ("audio", a.n_mels if a.feature == "logmel" else a.n_mfcc), ("video", 3)):
             merged = functools.reduce(Moments.merge, (s[f"{modality}_moments"] for s in train), Moments.empty(dims))
-            mean, std = merged.mean_std(255.0 if modality == "image" else 1.0)  # images on the [0, 1] scale
+            mean, std = merged.mean_std(1.0 if modality == "audio" else 255.0)  # pixels on the [0, 1] scale
             stats[modality] = {"mean": mean, "std": std}
         dataset = {
             "format": "mmprep-dataset/1",
@@ -216,7 +224,7 @@ def _counts(shards: list[dict], plan: dict) -> dict[str, Any]:
     kept = sum(s["samples"] for s in shards)
     input_rows, rejected = plan["input_rows"], plan["rejected"]
     labels: dict[str, Counter] = {s: Counter() for s in SPLITS}
-    modalities = {s: dict.fromkeys(("image", "audio", "text"), 0) for s in SPLITS}
+    modalities = {s: dict.fromkeys(MODALITIES, 0) for s in SPLITS}
     for s in shards:
         labels[s["split"]].update(s["labels"])
         for m, n in s["modalities"].items():
@@ -245,7 +253,7 @@ def _splits(shards: list[dict]) -> dict[str, Any]:
 def _features(cfg: PrepareConfig, counts: dict, stats: dict, model: bytes) -> dict[str, Any]:
     from mmprep.tokenizer import Tokenizer
 
-    present = {m: any(counts["modalities"][s][m] for s in SPLITS) for m in ("image", "audio", "text")}
+    present = {m: any(counts["modalities"][s][m] for s in SPLITS) for m in MODALITIES}
     features: dict[str, Any] = {}
     if present["image"]:
         features["image"] = {"member": "jpg", "size": cfg.image.size, "channels": 3, **stats["image"]}
@@ -271,4 +279,7 @@ def _features(cfg: PrepareConfig, counts: dict, stats: dict, model: bytes) -> di
             "pad_id": tok.pad_id,
             "tokenizer": "tokenizer.model",
         }
+    if present["video"]:
+        v = cfg.video
+        features["video"] = {"member": "video.jpg", "frames": v.frames, "size": v.size, "channels": 3, **stats["video"]}
     return features

@@ -28,8 +28,8 @@ from mmprep.shards import TarDamage, load_npy, tar_entries
 if TYPE_CHECKING:
     import datasets
 
-ALLOWED = {"jpg", "mel.npy", "tokens.npy", "txt", "cls", "json"}
-MODALITIES = ("image", "audio", "text")
+ALLOWED = {"jpg", "mel.npy", "tokens.npy", "txt", "cls", "json", "video.jpg"}
+MODALITIES = ("image", "audio", "text", "video")
 
 
 class ShardError(OSError):
@@ -83,18 +83,34 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"key": raw["__key__"], "shard": str(raw.get("__url__", "?")).rsplit("/", 1)[-1]}
     try:
         if "jpg" in raw:
-            img = cv2.imdecode(np.frombuffer(raw["jpg"], np.uint8), cv2.IMREAD_COLOR)
-            if img is None:
-                raise ValueError("bad JPEG")
-            out["image"] = np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1))  # BGR HWC → RGB CHW
+            out["image"] = _rgb_chw(raw["jpg"])
         if "mel.npy" in raw:
             out["audio"] = load_npy(raw["mel.npy"]).astype(np.float32)
         if "tokens.npy" in raw:
             out["text"] = load_npy(raw["tokens.npy"]).astype(np.int64)
+        if "video.jpg" in raw:
+            out["video"] = decode_strip(raw["video.jpg"])
         out["label"] = int(raw["cls"]) if "cls" in raw else -1
     except ValueError as err:
         raise ShardError(f"{raw.get('__url__', '?')}: sample {raw['__key__']!r}: {err}") from err
     return out
+
+
+def _rgb_chw(jpg: bytes) -> np.ndarray:
+    img = cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError("bad JPEG")
+    return np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1))  # BGR HWC → RGB CHW
+
+
+def decode_strip(jpg: bytes) -> np.ndarray:
+    """A video member (its T frames of S×S stacked vertically in one JPEG) → uint8 [T, 3, S, S].
+    The frames are square, so the width gives S; collate checks T and S against dataset.json."""
+    strip = _rgb_chw(jpg)
+    _, height, size = strip.shape
+    if height % size:
+        raise ValueError(f"video strip of {size}x{height} pixels is not a stack of {size}x{size} frames")
+    return np.ascontiguousarray(strip.reshape(3, height // size, size, size).transpose(1, 0, 2, 3))
 
 
 def _raise(exn: Exception) -> bool:
@@ -170,6 +186,8 @@ class Shapes:
     frames: int | None
     max_tokens: int
     pad_id: int
+    video_frames: int
+    video_size: int
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> Shapes:
@@ -180,6 +198,8 @@ class Shapes:
             frames=f.get("audio", {}).get("frames"),
             max_tokens=f.get("text", {}).get("max_tokens", 1),
             pad_id=f.get("text", {}).get("pad_id", 0),
+            video_frames=f.get("video", {}).get("frames", 1),
+            video_size=f.get("video", {}).get("size", 1),
         )
 
 
@@ -192,7 +212,8 @@ def collate(samples: list[dict[str, Any]], shapes: Shapes) -> dict[str, Any]:
     image = np.zeros((n, 3, shapes.image_size, shapes.image_size), np.uint8)  # numpy fills are ~5x cheaper
     audio = np.zeros((n, shapes.bins, frames), np.float32)
     text = np.full((n, tokens), shapes.pad_id, np.int64)
-    present = np.zeros((n, 3), bool)
+    video = np.zeros((n, shapes.video_frames, 3, shapes.video_size, shapes.video_size), np.uint8)
+    present = np.zeros((n, len(MODALITIES)), bool)
     for i, s in enumerate(samples):
         if "image" in s:
             image[i] = s["image"]
@@ -204,8 +225,14 @@ def collate(samples: list[dict[str, Any]], shapes: Shapes) -> dict[str, Any]:
         if "text" in s and len(s["text"]):
             text[i, : len(s["text"])] = s["text"]
             present[i, 2] = True
+        if "video" in s:
+            if s["video"].shape != video.shape[1:]:
+                raise ShardError(f"{s.get('shard', '?')}: sample {s.get('key')!r}: video of {s['video'].shape[0]} frames of "
+                                 f"{s['video'].shape[-1]} pixels, dataset.json says {shapes.video_frames} of {shapes.video_size}")
+            video[i] = s["video"]
+            present[i, 3] = True
     label = torch.tensor([s["label"] for s in samples], dtype=torch.long)
-    arrays = {"image": image, "audio": audio, "text": text, "present": present}
+    arrays = {"image": image, "audio": audio, "text": text, "video": video, "present": present}
     origin = {"keys": [s.get("key", "?") for s in samples], "shards": [s.get("shard", "?") for s in samples]}
     return {**{k: torch.from_numpy(v) for k, v in arrays.items()}, "label": label, **origin}
 
@@ -315,9 +342,10 @@ def make_loader(data_dir: str, split: str = "train", *, batch_size: int = 64, ep
     """Batches of a prepared dataset for your own PyTorch loop, exactly as `mmprep train` gets them.
 
     Each batch is a dict: `image` uint8 [B, 3, S, S] (RGB), `audio` float32 [B, bins, frames]
-    (log-mel/MFCC, unnormalized), `text` int64 [B, T] (pad `pad_id`), `present` bool [B, 3]
-    (image, audio, text: a missing modality is zeros with False), `label` int64 [B] (-1:
-    unlabeled), `keys`/`shards` (lists of str). dataset.json has the sizes and statistics.
+    (log-mel/MFCC, unnormalized), `text` int64 [B, T] (pad `pad_id`), `video` uint8
+    [B, frames, 3, size, size] (RGB frames in time order), `present` bool [B, 4] (image, audio,
+    text, video: a missing modality is zeros with False), `label` int64 [B] (-1: unlabeled),
+    `keys`/`shards` (lists of str). dataset.json has the sizes and statistics.
 
     "train": `batches_per_epoch(spec, "train", batch_size, world)` full batches per rank,
     shuffled as a pure function of the arguments (num_workers included); call it once per
@@ -355,8 +383,9 @@ def hf_features(data_dir: str) -> datasets.Features:
     it refuses shards whose samples differ in members (a sample lacking a modality or a label)
     and drops metadata keys those 5 samples lack. These come from dataset.json instead: `jpg`
     an Image, `mel.npy` [bins][frames] and `tokens.npy` lists (arrays in the numpy/torch
-    formats), `txt` a str, `cls` a ClassLabel of the dataset's label names, `json` the whole
-    metadata as a dict; a member a sample lacks is None. Needs `pip install datasets` (>=4.7)."""
+    formats), `txt` a str, `video.jpg` an Image of the strip (the frames stacked vertically),
+    `cls` a ClassLabel of the dataset's label names, `json` the whole metadata as a dict; a
+    member a sample lacks is None. Needs `pip install datasets` (>=4.7)."""
     import datasets
 
     spec = load_spec(data_dir)
@@ -369,6 +398,7 @@ def hf_features(data_dir: str) -> datasets.Features:
         "mel.npy": seq(seq(value("float16"))) if "audio" in present else None,
         "tokens.npy": seq(value("int32")) if "text" in present else None,
         "txt": value("string") if "text" in present else None,
+        "video.jpg": datasets.Image() if "video" in present else None,
         "__key__": value("string"),
         "__url__": value("string"),
     }

@@ -19,7 +19,7 @@ from train.data import MODALITIES
 from train.model import FusionModel, Preprocess, build_model
 from train.progress import progress_bar
 
-ABLATIONS = {"image_only": 0, "audio_only": 1, "text_only": 2}
+ABLATIONS = {f"{m}_only": i for i, m in enumerate(MODALITIES)}
 
 
 def load_run(run_dir: str, device: torch.device) -> tuple[FusionModel, Preprocess, dict[str, Any]]:
@@ -40,7 +40,7 @@ def load_run(run_dir: str, device: torch.device) -> tuple[FusionModel, Preproces
 
 
 def pattern_name(code: int) -> str:
-    """Presence bits (image=1, audio=2, text=4) → "image+text"; no modality → "none"."""
+    """Presence bits (image=1, audio=2, text=4, video=8) → "image+text"; no modality → "none"."""
     return "+".join(m for i, m in enumerate(MODALITIES) if code >> i & 1) or "none"
 
 
@@ -48,20 +48,20 @@ def pattern_name(code: int) -> str:
 def predictions(model, prep, batches, device, bf16: bool = False) -> dict[str, np.ndarray]:
     """One pass: labels, the presence pattern of each sample (among the modalities the model
     uses), the prediction with every present modality and with each one alone (one encoding,
-    four fusion passes)."""
+    a fusion pass per modality more)."""
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("label", "pattern", "all", *ABLATIONS)}
-    bits = torch.tensor([1, 2, 4], device=device)
+    index = torch.arange(len(MODALITIES), device=device)
     for batch in batches:
         batch = D.to_device(batch, device)
         present = batch["present"] & model.use
-        image, audio = prep(batch, augment=False)
+        image, audio, video = prep(batch, augment=False)
         out["label"].append(batch["label"].cpu().numpy())
-        out["pattern"].append((present.long() * bits).sum(1).cpu().numpy())
+        out["pattern"].append((present.long() << index).sum(1).cpu().numpy())
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            z = model.encode(image, audio, batch["text"])
+            z = model.encode(image, audio, batch["text"], video, present)
             out["all"].append(model.classify(z, present).argmax(1).cpu().numpy())
-            for name, index in ABLATIONS.items():
-                alone = present & (torch.arange(3, device=device) == index)
+            for name, m in ABLATIONS.items():
+                alone = present & (index == m)
                 out[name].append(model.classify(z, alone).argmax(1).cpu().numpy())
     return {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in out.items()}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -12,6 +13,7 @@ from torch import nn
 from train.data import MODALITIES
 
 FUSIONS = ("concat", "weighted_sum", "product", "attention")
+VIDEO_ENCODERS = ("gru", "attention")
 
 
 def _block(a: int, b: int, stride: int = 1) -> list[nn.Module]:
@@ -48,32 +50,71 @@ class TextEncoder(nn.Module):
             # a fully masked row makes attention softmax over nothing (NaN in eval's fast path):
             # such rows attend unmasked; their output is discarded below and by the presence mask
             attend = pad & ~pad.all(dim=1, keepdim=True)
-            x = self.body(x + self.pos[:, : x.shape[1]], src_key_padding_mask=attend)
+            # an empty batch (no row has text) has no mask attention could reshape
+            x = self.body(x + self.pos[:, : x.shape[1]], src_key_padding_mask=attend if len(tokens) else None)
         else:
             x, _ = self.body(x)
         keep = (~pad).unsqueeze(-1).to(x.dtype)
         return (x * keep).sum(1) / keep.sum(1).clamp(min=1.0)
 
 
+class VideoEncoder(nn.Module):
+    """[B, T, 3, S, S] clips → [B, width]: a CNN per frame, then a temporal model over the T frame
+    vectors in time order ("gru": a GRU's last state; "attention": a Transformer layer over the
+    frames with a learned embedding per position, mean-pooled).
+
+    The frame CNN also gets each pixel's (x, y) as two input channels: its global max pool keeps
+    *what* a frame shows but not *where*, and motion is a change of where (without them, left vs
+    right motion stayed at chance)."""
+
+    def __init__(self, width: int, frames: int, kind: str) -> None:
+        super().__init__()
+        if kind not in VIDEO_ENCODERS:
+            raise ValueError(f"unknown video encoder {kind!r}; choose from {VIDEO_ENCODERS}")
+        self.kind = kind
+        self.frame = conv_stack(5, width)
+        if kind == "attention":
+            self.pos = nn.Parameter(torch.randn(1, frames, width) * 0.02)
+            self.mix = nn.Linear(2 * width, width)
+            layer = nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.1, batch_first=True, norm_first=True)
+            self.body = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+            self.norm = nn.LayerNorm(width)
+        else:
+            self.body = nn.GRU(width, width, batch_first=True)
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        b, t, _, h, w = clips.shape
+        frames = clips.flatten(0, 1)
+        ys = torch.linspace(-1, 1, h, device=clips.device, dtype=clips.dtype).view(1, 1, h, 1).expand(len(frames), 1, h, w)
+        xs = torch.linspace(-1, 1, w, device=clips.device, dtype=clips.dtype).view(1, 1, 1, w).expand(len(frames), 1, h, w)
+        v = self.frame(torch.cat([frames, xs, ys], dim=1)).unflatten(0, (b, t))
+        if self.kind == "attention":
+            step = v - torch.cat([v[:, :1], v[:, :-1]], dim=1)
+            return self.norm(self.body(self.mix(torch.cat([v, step], dim=2)) + self.pos[:, :t]).mean(1))
+        return self.body(v)[1][-1]
+
+
 class Fusion(nn.Module):
-    """[B, 3, W] modality vectors + [B, 3] presence → [B, F] fused features.
+    """[B, n, W] modality vectors + [B, n] presence → [B, F] fused features.
 
     An absent modality's vector is replaced by zeros with `torch.where` (never multiplied by
     the mask: NaN × 0 is NaN), so no input of an absent modality can reach the output."""
 
-    def __init__(self, kind: str, width: int) -> None:
+    def __init__(self, kind: str, width: int, n: int = 3) -> None:
         super().__init__()
         if kind not in FUSIONS:
             raise ValueError(f"unknown fusion {kind!r}; choose from {FUSIONS}")
         self.kind = kind
+        # "product": every non-empty subset's elementwise product, singles first (a, b, c, ab, ac, bc, abc for 3)
+        self.subsets = [c for k in range(1, n + 1) for c in itertools.combinations(range(n), k)]
         if kind == "weighted_sum":
-            self.logits = nn.Parameter(torch.zeros(3))
+            self.logits = nn.Parameter(torch.zeros(n))
         if kind == "attention":
             self.cls = nn.Parameter(torch.randn(1, 1, width) * 0.02)
-            self.modality_embed = nn.Parameter(torch.randn(1, 3, width) * 0.02)
+            self.modality_embed = nn.Parameter(torch.randn(1, n, width) * 0.02)
             self.layer = nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.1, batch_first=True, norm_first=True)
             self.norm = nn.LayerNorm(width)
-        self.out_dim = {"concat": 3 * width, "weighted_sum": width, "product": 7 * width, "attention": width}[kind]
+        self.out_dim = {"concat": n * width, "weighted_sum": width, "product": len(self.subsets) * width, "attention": width}[kind]
 
     def forward(self, z: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         z = torch.where(present.unsqueeze(-1), z, torch.zeros((), dtype=z.dtype, device=z.device))
@@ -84,8 +125,7 @@ class Fusion(nn.Module):
             weights = torch.softmax(logits, dim=1).nan_to_num(0.0)  # no modality at all: zeros, not NaN
             return (weights.unsqueeze(-1) * z).sum(1)
         if self.kind == "product":
-            a, b, c = z[:, 0], z[:, 1], z[:, 2]
-            return torch.cat([a, b, c, a * b, a * c, b * c, a * b * c], dim=1)
+            return torch.cat([math.prod(z[:, i] for i in subset) for subset in self.subsets], dim=1)
         tokens = torch.cat([self.cls.expand(z.shape[0], -1, -1), z + self.modality_embed], dim=1)
         pad = torch.cat([torch.zeros_like(present[:, :1]), ~present], dim=1)  # the CLS token is never masked
         return self.norm(self.layer(tokens, src_key_padding_mask=pad)[:, 0])
@@ -97,10 +137,12 @@ class FusionModel(nn.Module):
     Only the modalities the data has (dataset.json features) and the run uses (train.modalities)
     get an encoder; the others are absent in every sample. With `aux_heads`, each modality also
     has its own linear classifier on its projected vector (unimodal auxiliary losses in the
-    recipe), so every encoder learns on its own merit."""
+    recipe), so every encoder learns on its own merit. The fusion has a slot for video only when
+    the model uses video: a model without has the 3-slot fusion of before video existed (the
+    same weights, so its old checkpoints load), and pays nothing for an always-absent input."""
 
     def __init__(self, spec: dict[str, Any], fusion: str, width: int, text_encoder: str, aux_heads: bool = False,
-                 modalities: tuple[str, ...] | list[str] = MODALITIES) -> None:
+                 modalities: tuple[str, ...] | list[str] = MODALITIES, video_encoder: str = "gru") -> None:
         super().__init__()
         f = spec["features"]
         active = [m in modalities and m in f for m in MODALITIES]
@@ -108,40 +150,58 @@ class FusionModel(nn.Module):
             raise ValueError(f"train.modalities {list(modalities)} are not in the data (it has {', '.join(f) or 'none'})")
         self.register_buffer("use", torch.tensor(active), persistent=False)
         self.active = tuple(active)  # the same as plain bools: no device sync or graph break where code branches on it
+        self.slots = len(MODALITIES) if active[3] else 3
         classes = max(1, len(spec["labels"]))
         self.image = conv_stack(3, width) if active[0] else None
         self.audio = conv_stack(1, width) if active[1] else None
         text = f.get("text", {})
         self.text = TextEncoder(text["vocab_size"], width, text_encoder, text["pad_id"], text["max_tokens"]) if active[2] else None
+        self.video = VideoEncoder(width, f["video"]["frames"], video_encoder) if active[3] else None
         self.proj = nn.ModuleList([nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width)) if a else nn.Identity()
                                    for a in active])
-        self.fusion = Fusion(fusion, width)
+        self.fusion = Fusion(fusion, width, self.slots)
         self.head = nn.Sequential(nn.Linear(self.fusion.out_dim, width), nn.GELU(), nn.Dropout(0.1), nn.Linear(width, classes))
         self.aux = nn.ModuleList([nn.Linear(width, classes) if a else nn.Identity() for a in active]) if aux_heads else None
 
-    def encode(self, image: torch.Tensor, audio: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """[B, 3, width] projected modality vectors (zeros for an unused modality)."""
-        encoded = {0: (self.image, image), 1: (self.audio, audio.unsqueeze(1)), 2: (self.text, text)}
-        vectors = {m: self.proj[m](enc(x)) for m, (enc, x) in encoded.items() if enc is not None}
+    def encode(self, image: torch.Tensor, audio: torch.Tensor, text: torch.Tensor, video: torch.Tensor,
+               present: torch.Tensor) -> torch.Tensor:
+        """[B, 4, width] projected modality vectors, zeros where a sample lacks the modality (or
+        the model does not use it). Each encoder runs on the rows that have its modality only: a
+        clip costs T image encodings, and a batch with few clips pays for those few. A batch
+        without any runs it on no rows, so every parameter is still in the graph (DDP)."""
+        inputs = ((self.image, image), (self.audio, audio.unsqueeze(1)), (self.text, text), (self.video, video))
+        n = len(present)
+        vectors: dict[int, torch.Tensor] = {}
+        for m, (enc, x) in enumerate(inputs):
+            if enc is None:
+                continue
+            rows = present[:, m].nonzero().squeeze(1)
+            if len(rows) == n:
+                vectors[m] = self.proj[m](enc(x))
+            else:
+                v = self.proj[m](enc(x.index_select(0, rows)))
+                vectors[m] = v.new_zeros((n, v.shape[1])).index_copy(0, rows, v)
         some = next(iter(vectors.values()))
-        return torch.stack([vectors.get(m, some.new_zeros(some.shape)) for m in range(3)], dim=1)
+        return torch.stack([vectors.get(m, some.new_zeros(some.shape)) for m in range(len(MODALITIES))], dim=1)
 
     def classify(self, z: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """Fused logits [B, C] of encoded vectors under a presence mask (evaluation re-uses one
         encoding for several masks)."""
-        return self.head(self.fusion(z, present & self.use))
+        return self.head(self.fusion(z[:, : self.slots], (present & self.use)[:, : self.slots]))
 
-    def forward(self, image: torch.Tensor, audio: torch.Tensor, text: torch.Tensor, present: torch.Tensor,
-                with_aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits [B, C]; with `with_aux` also the unimodal heads' logits [B, 3, C] (zeros for an
-        unused modality)."""
-        z = self.encode(image, audio, text)
-        logits = self.classify(z, present)
+    def forward(self, image: torch.Tensor, audio: torch.Tensor, text: torch.Tensor, video: torch.Tensor,
+                present: torch.Tensor, with_aux: bool = False,
+                fused: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, C]; with `with_aux` also the unimodal heads' logits [B, 4, C] (zeros for an
+        unused modality). `fused`: the presence the fusion sees, if not `present` (modality
+        dropout: the unimodal heads still train on every modality a sample has)."""
+        z = self.encode(image, audio, text, video, present & self.use)
+        logits = self.classify(z, present if fused is None else fused)
         if not with_aux:
             return logits
         if self.aux is None:
             raise ValueError("this model has no unimodal heads (train.aux_loss was 0)")
-        aux = [self.aux[m](z[:, m]) if self.active[m] else logits.new_zeros(logits.shape) for m in range(3)]
+        aux = [self.aux[m](z[:, m]) if self.active[m] else logits.new_zeros(logits.shape) for m in range(len(MODALITIES))]
         return logits, torch.stack(aux, dim=1).to(logits.dtype)
 
 
@@ -149,7 +209,7 @@ def build_model(spec: dict[str, Any], train_params: dict[str, Any]) -> FusionMod
     """The model a run's train params describe (runs from before a param existed get its old behaviour)."""
     p = train_params
     return FusionModel(spec, p["fusion"], p["width"], p["text_encoder"], aux_heads=p.get("aux_loss", 0.0) > 0,
-                       modalities=tuple(p.get("modalities", MODALITIES)))
+                       modalities=tuple(p.get("modalities", MODALITIES)), video_encoder=p.get("video_encoder", "gru"))
 
 
 def modality_dropout(present: torch.Tensor, p: float, single: float = 0.0,
@@ -181,31 +241,40 @@ class Preprocess(nn.Module):
         f = spec["features"]
         image = f.get("image", {"mean": [0.0] * 3, "std": [1.0] * 3})
         audio = f.get("audio", {"mean": [0.0], "std": [1.0]})
+        video = f.get("video", {"mean": [0.0] * 3, "std": [1.0] * 3})
         self.register_buffer("img_mean", torch.tensor(image["mean"]).view(1, 3, 1, 1))
         self.register_buffer("img_std", torch.tensor(image["std"]).view(1, 3, 1, 1))
         self.register_buffer("mel_mean", torch.tensor(audio["mean"]).view(1, -1, 1))
         self.register_buffer("mel_std", torch.tensor(audio["std"]).view(1, -1, 1))
+        self.register_buffer("vid_mean", torch.tensor(video["mean"]).view(1, 1, 3, 1, 1))
+        self.register_buffer("vid_std", torch.tensor(video["std"]).view(1, 1, 3, 1, 1))
 
-    def forward(self, batch: dict[str, torch.Tensor], augment: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor], augment: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image, audio, video), normalized; augmented when training."""
         image = (batch["image"].float() / 255.0 - self.img_mean) / self.img_std
         audio = (batch["audio"] - self.mel_mean) / self.mel_std
+        video = (batch["video"].float() / 255.0 - self.vid_mean) / self.vid_std
         if augment:
-            image = random_resized_crop_flip(image)
+            image = random_resized_crop(image)
             audio = spec_augment(audio)
-        return image, audio
+            # one crop for all frames of a clip, never flipped: the direction of motion can be the label
+            video = random_resized_crop(video.flatten(0, 1), flip=False, group=video.shape[1]).view_as(video)
+        return image, audio, video
 
 
-def random_resized_crop_flip(x: torch.Tensor, scale: tuple[float, float] = (0.75, 1.0)) -> torch.Tensor:
-    """Per-sample random zoom/shift and horizontal flip in one batched affine resample."""
-    n = x.shape[0]
+def random_resized_crop(x: torch.Tensor, scale: tuple[float, float] = (0.75, 1.0), flip: bool = True,
+                        group: int = 1) -> torch.Tensor:
+    """Per-sample random zoom/shift (and horizontal flip) in one batched affine resample; each
+    `group` consecutive rows (the frames of a clip) share one draw."""
+    n = x.shape[0] // group
     s = torch.empty(n, device=x.device).uniform_(math.sqrt(scale[0]), math.sqrt(scale[1]))
     tx = (torch.rand(n, device=x.device) * 2 - 1) * (1 - s)
     ty = (torch.rand(n, device=x.device) * 2 - 1) * (1 - s)
-    flip = torch.where(torch.rand(n, device=x.device) < 0.5, -1.0, 1.0)
+    mirror = torch.where(torch.rand(n, device=x.device) < 0.5, -1.0, 1.0) if flip else torch.ones(n, device=x.device)
     theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
-    theta[:, 0, 0], theta[:, 0, 2] = s * flip, tx
+    theta[:, 0, 0], theta[:, 0, 2] = s * mirror, tx
     theta[:, 1, 1], theta[:, 1, 2] = s, ty
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta.repeat_interleave(group, dim=0), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 

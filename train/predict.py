@@ -15,13 +15,14 @@ from train import data as D
 from train.evaluate import load_run
 
 
-def predict(run_dir: str, image: str | None = None, audio: str | None = None, text: str | None = None) -> dict[str, Any]:
+def predict(run_dir: str, image: str | None = None, audio: str | None = None, text: str | None = None,
+            video: str | None = None) -> dict[str, Any]:
     from mmprep.process import process_row
     from mmprep.tokenizer import Tokenizer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, prep, spec = load_run(run_dir, device)
-    given = {"image": image, "audio": audio, "text": text}
+    given = {"image": image, "audio": audio, "text": text, "video": video}
     known = {m for m, used in zip(D.MODALITIES, model.active, strict=True) if used}
     unknown = [m for m, v in given.items() if v is not None and m not in known]
     if unknown:
@@ -29,8 +30,8 @@ def predict(run_dir: str, image: str | None = None, audio: str | None = None, te
     if text is not None and not os.path.isfile(os.path.join(run_dir, "tokenizer.model")):
         raise ValueError(f"{run_dir} has no tokenizer.model: --text cannot be encoded for this model")
     cfg = params_from_dict({"prepare": spec["params"]["prepare"]}).prepare
-    row = RawRow(source="predict", order=0, id="predict", image=image, audio=audio, text=text)
-    loaded: dict[str, Any] = {m: Path(p).read_bytes() for m, p in (("image", image), ("audio", audio)) if p}
+    row = RawRow(source="predict", order=0, id="predict", image=image, audio=audio, text=text, video=video)
+    loaded: dict[str, Any] = {m: Path(p).read_bytes() for m, p in (("image", image), ("audio", audio), ("video", video)) if p}
     if text is not None:
         loaded["text"] = text
     sample = process_row(row, loaded, _unlabeled(cfg))
@@ -46,10 +47,13 @@ def predict(run_dir: str, image: str | None = None, audio: str | None = None, te
     if sample.text is not None:
         tok = Tokenizer.from_file(os.path.join(run_dir, "tokenizer.model"))
         raw["text"] = tok.encode(sample.text, cfg.text.max_tokens).astype(np.int64)
+    if sample.video is not None:
+        raw["video"] = D.decode_strip(sample.video)
     batch = D.to_device(D.collate([raw], D.Shapes.from_spec(spec)), device)
     with torch.no_grad():
-        image_t, audio_t = prep(batch, augment=False)
-        probs = torch.softmax(model(image_t, audio_t, batch["text"], batch["present"]).float(), dim=1)[0].cpu()
+        image_t, audio_t, video_t = prep(batch, augment=False)
+        logits = model(image_t, audio_t, batch["text"], video_t, batch["present"])
+        probs = torch.softmax(logits.float(), dim=1)[0].cpu()
     labels = spec["labels"]
     best = int(probs.argmax())
     return {"label": labels[best], "probabilities": {lab: float(p) for lab, p in zip(labels, probs, strict=True)}}

@@ -176,9 +176,9 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
             batch = D.to_device(batch, device, non_blocking=True)
             present = batch["present"] & model.use
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                image, audio = prep(batch, augment=cfg.augment)
-                loss, logits = objective(fwd, image, audio, batch, present, cfg)
-            check_finite(loss, logits, batch, step + 1, {"image": image, "audio": audio})
+                image, audio, video = prep(batch, augment=cfg.augment)
+                loss, logits = objective(fwd, image, audio, video, batch, present, cfg)
+            check_finite(loss, logits, batch, step + 1, {"image": image, "audio": audio, "video": video})
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -237,7 +237,7 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
     return result
 
 
-def objective(net, image, audio, batch, present, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def objective(net, image, audio, video, batch, present, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of the fused logits (under modality dropout) over labeled samples, plus
     `aux_loss` × the unimodal heads' cross-entropy over every (labeled sample, present modality):
     each encoder is trained to classify alone, so none is left idle behind an easier one."""
@@ -246,14 +246,15 @@ def objective(net, image, audio, batch, present, cfg: TrainConfig) -> tuple[torc
     target = label.clamp(min=0)
     dropped = modality_dropout(present, cfg.modality_dropout, cfg.single_modality)
     if cfg.aux_loss > 0:
-        logits, aux = net(image, audio, batch["text"], dropped, with_aux=True)
+        logits, aux = net(image, audio, batch["text"], video, present, with_aux=True, fused=dropped)
     else:
-        logits, aux = net(image, audio, batch["text"], dropped), None
+        logits, aux = net(image, audio, batch["text"], video, present, fused=dropped), None
     # a mean over labeled samples only: a batch without labels gives 0, not NaN (0/0)
     fused = F.cross_entropy(logits.float(), target, reduction="none")
     loss = torch.where(labeled, fused, 0.0).sum() / labeled.sum().clamp(min=1)
     if aux is not None:
-        per = F.cross_entropy(aux.float().flatten(0, 1), target.repeat_interleave(3), reduction="none").view(-1, 3)
+        slots = aux.shape[1]
+        per = F.cross_entropy(aux.float().flatten(0, 1), target.repeat_interleave(slots), reduction="none").view(-1, slots)
         use = present & labeled.unsqueeze(1)
         loss = loss + cfg.aux_loss * torch.where(use, per, 0.0).sum() / use.sum().clamp(min=1)
     return loss, logits

@@ -44,7 +44,8 @@ def test_a_sample_survives_the_round_trip_with_its_current_position():
         back.stats[m][:2] == want[m][:2] and np.array_equal(back.stats[m][2], want[m][2]) for m in want
     )
     light = staged.peek(data, "n1", s.id, "m.jsonl:3", 2, 32)
-    assert light == (s.key, s.id, 2, "m.jsonl:3", s.label, summ["signature"], tuple(map(tuple, summ["links"])), s.phash, s.text, summ["size"])
+    assert light == (s.key, s.id, 2, "m.jsonl:3", s.label, summ["signature"], tuple(map(tuple, summ["links"])), s.phash, s.text, summ["size"],
+                     None)
     assert staged.peek(data, "another-name", s.id, "m", 2, 32) is None  # another entry's bytes: a miss
     assert staged.peek(data, "n1", s.id, "m", 2, 64) is None  # size bound made for another max_tokens
 
@@ -66,3 +67,23 @@ def test_damaged_bytes_are_refused(damage):
         data = bytearray(np.random.default_rng(0).bytes(500))
     with pytest.raises(ValueError):
         staged.decode(bytes(data), "x", "s", 0)
+
+
+def test_a_video_sample_keeps_its_frames_hash_and_statistics_through_the_round_trip():
+    import io
+
+    from mmprep.clips import write_clip
+
+    frames = [np.full((48, 64, 3), 40 * i, np.uint8) for i in range(6)]
+    buf = io.BytesIO()
+    write_clip(buf, frames, 6)
+    row = RawRow(source="m.jsonl:1", order=0, id="v", text="moving", video="v.mp4")
+    s = process_row(row, {"video": buf.getvalue(), "text": "moving"}, PrepareConfig())
+    assert s.video is not None and s.vphash is not None
+    summ = staged.summary(s, 32)
+    data = staged.encode(s, "n", summ)
+    back = staged.decode(data, s.id, s.source, s.order)
+    assert (back.video, back.vphash, back.meta["video"]) == (s.video, s.vphash, s.meta["video"])
+    assert sorted(back.stats) == ["video"] and back.stats["video"][0] == 8 * PrepareConfig().video.size ** 2
+    light = staged.peek(data, "n", s.id, s.source, s.order, 32)
+    assert light[-1] == s.vphash and ["video", s.hashes["video"][:16]] in summ["links"]

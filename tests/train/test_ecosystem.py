@@ -241,11 +241,12 @@ def test_make_loader_batches_are_what_the_recipe_loop_consumes(tiny):
     batches = epoch_of(tiny)
     assert len(batches) == D.batches_per_epoch(spec, "train", 8, 1) == 12
     b = batches[0]
-    assert set(b) == {"image", "audio", "text", "present", "label", "keys", "shards"}
+    assert set(b) == {"image", "audio", "text", "video", "present", "label", "keys", "shards"}
     assert b["image"].dtype == torch.uint8 and b["image"].shape == (8, 3, SIZE, SIZE)
     assert b["audio"].dtype == torch.float32 and b["audio"].shape == (8, BINS, FRAMES)
     assert b["text"].dtype == torch.int64 and b["text"].shape[0] == 8 and b["text"].shape[1] <= TOKENS
-    assert b["present"].dtype == torch.bool and b["present"].shape == (8, 3) and b["present"].all()
+    assert b["present"].dtype == torch.bool and b["present"].shape == (8, 4) and b["present"][:, :3].all()
+    assert not b["present"][:, 3].any() and b["video"].dtype == torch.uint8 and not b["video"].any()  # no video in this data
     assert b["label"].dtype == torch.int64 and ((0 <= b["label"]) & (b["label"] < 8)).all()
     # the recipe's own construction of an epoch (train/recipe.py epoch_batches) gives the same batches
     stream = D.TrainStream(D.shard_urls(str(tiny), spec, "train"), D.Shapes.from_spec(spec), 8, 12, 0, 3, 0, 1, 32, spec["shards"])

@@ -23,9 +23,10 @@ from train.recipe import train
 sys.path.insert(0, str(Path(__file__).parent))
 from factory import write_tiny_dataset  # noqa: E402
 
-SPEC = {"features": {"image": {"size": 32}, "audio": {"bins": 16}, "text": {"vocab_size": 40, "pad_id": 0, "max_tokens": 8}},
+SPEC = {"features": {"image": {"size": 32}, "audio": {"bins": 16}, "text": {"vocab_size": 40, "pad_id": 0, "max_tokens": 8},
+                     "video": {"frames": 4, "size": 16}},
         "labels": list("abcdefgh")}
-PATTERNS = list(itertools.product([False, True], repeat=3))  # all 8, the empty one included
+PATTERNS = list(itertools.product([False, True], repeat=4))  # all 16, the empty one included
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FAST = TrainConfig(width=32, epochs=2, batch_size=32, lr=3e-3, warmup_steps=5, log_every=1000, checkpoint_every=1000,
                    augment=False, shuffle_buffer=64)
@@ -39,45 +40,48 @@ def _batch(device: str, tokens: int = 8) -> tuple[torch.Tensor, ...]:
     image = torch.randn(n, 3, 32, 32, generator=g) * present[:, 0, None, None, None]
     audio = torch.randn(n, 16, 20, generator=g) * present[:, 1, None, None]
     text = torch.randint(1, 40, (n, tokens), generator=g) * present[:, 2, None]
-    return tuple(t.to(device) for t in (image, audio, text, present))
+    video = torch.randn(n, 4, 3, 16, 16, generator=g) * present[:, 3, None, None, None, None]
+    return tuple(t.to(device) for t in (image, audio, text, video, present))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("encoder", ["transformer", "gru"])
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_logits_are_finite_for_every_presence_pattern(fusion, encoder, device):
-    model = FusionModel(SPEC, fusion, 32, encoder, aux_heads=True).to(device)
+    model = FusionModel(SPEC, fusion, 32, encoder, aux_heads=True, video_encoder="gru" if encoder == "transformer" else "attention")
+    model = model.to(device)
     assert model.use.all()
-    image, audio, text, present = _batch(device)
+    image, audio, text, video, present = _batch(device)
     no_text_at_all = torch.zeros(len(PATTERNS), 1, dtype=torch.long, device=device)  # a batch where no row has text
     for mode in ("train", "eval"):
         getattr(model, mode)()
         with torch.set_grad_enabled(mode == "train"):  # eval + no_grad is the Transformer fast path (was NaN)
-            logits, aux = model(image, audio, text, present, with_aux=True)
+            logits, aux = model(image, audio, text, video, present, with_aux=True)
             assert torch.isfinite(logits).all(), (mode, torch.isfinite(logits).all(1).tolist())
             assert torch.isfinite(aux).all(), mode
-            assert torch.isfinite(model(image, audio, no_text_at_all, present & torch.tensor([1, 1, 0], dtype=torch.bool,
-                                                                                           device=device))).all(), mode
+            no_text = present & torch.tensor([1, 1, 0, 1], dtype=torch.bool, device=device)
+            assert torch.isfinite(model(image, audio, no_text_at_all, video, no_text)).all(), mode
     # an absent modality cannot influence the output, whatever its tensor holds (NaN × 0 was NaN)
     model.eval()
-    poisoned = image.clone()
+    poisoned, poisoned_video = image.clone(), video.clone()
     poisoned[~present[:, 0]] = float("nan")
+    poisoned_video[~present[:, 3]] = float("nan")
     with torch.no_grad():
-        assert torch.equal(model(poisoned, audio, text, present), model(image, audio, text, present))
+        assert torch.equal(model(poisoned, audio, text, poisoned_video, present), model(image, audio, text, video, present))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_compiled_model_gives_finite_logits_for_every_presence_pattern(fusion):
     model = FusionModel(SPEC, fusion, 32, "transformer", aux_heads=True)
-    image, audio, text, present = _batch("cpu")
+    image, audio, text, video, present = _batch("cpu")
     compiled = torch.compile(model)
     model.train()
-    logits, aux = compiled(image, audio, text, present, with_aux=True)  # what the recipe calls
+    logits, aux = compiled(image, audio, text, video, present, with_aux=True, fused=present)  # what the recipe calls
     assert torch.isfinite(logits).all() and torch.isfinite(aux).all()
     model.eval()
     with torch.no_grad():
-        assert torch.isfinite(compiled(image, audio, text, present)).all()
+        assert torch.isfinite(compiled(image, audio, text, video, present)).all()
 
 
 @pytest.fixture(scope="module")
@@ -151,11 +155,11 @@ def test_modality_dropout_never_adds_never_empties_and_leaves_singles():
         kept = modality_dropout(present, p, single, generator=g)
         assert not (kept & ~present).any()  # never a modality the sample lacks
         assert kept.any(dim=1).all()  # never none
-        alone = (kept.sum(1) == 1) & (present.sum(1) == 3)
-        share = alone.float().sum() / (present.sum(1) == 3).sum()
+        alone = (kept.sum(1) == 1) & (present.sum(1) == 4)
+        share = alone.float().sum() / (present.sum(1) == 4).sum()
         if single == 1.0:
             assert share == 1.0
             # the kept modality is chosen at random, not always the first
-            assert all(0.25 < kept[present.sum(1) == 3][:, m].float().mean() < 0.42 for m in range(3))
+            assert all(0.18 < kept[present.sum(1) == 4][:, m].float().mean() < 0.32 for m in range(4))
         elif p == 0.0:
             assert share == 0.0

@@ -42,7 +42,8 @@ def test_every_fusion_mode_learns_well_above_chance(tiny, tmp_path, fusion):
           live_dir=str(tmp_path / "live"))
     metrics = evaluate(str(tiny), str(run), str(tmp_path / "m.json"), EvaluateConfig())
     assert metrics["accuracy"] >= 0.6, metrics["accuracy"]  # chance is 1/8
-    assert set(metrics["ablation"]) == {"image_only", "audio_only", "text_only"}
+    assert set(metrics["ablation"]) == {"image_only", "audio_only", "text_only", "video_only"}
+    assert metrics["ablation"].pop("video_only") == {"accuracy": None, "samples": 0, "without_modality": 64}  # no video here
     assert all(m["accuracy"] < metrics["accuracy"] for m in metrics["ablation"].values())
     # each modality alone carries one bit of three: its ceiling is 0.25 (chance 0.125); a lazy encoder sits at chance
     assert all(m["accuracy"] >= 0.18 for m in metrics["ablation"].values()), metrics["ablation"]
