@@ -49,13 +49,14 @@ def summary() -> None:
     """The headline numbers (`dvc metrics show` lists every per-class value too)."""
     import json
 
-    path = ROOT / "metrics" / "eval.json"
-    if path.exists():
-        m = json.loads(path.read_text())
-        ablation = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in m["ablation"].items() if v["accuracy"] is not None)
-        print(f"\ntest accuracy {m['accuracy']:.3f}, macro F1 {m['macro_f1']:.3f}; one modality only: {ablation}")
-        print("open offline: reports/dataset.html (the data) and metrics/eval.html (the model)")
-        print("more: dvc metrics show | dvc plots show | mmprep inspect data/prepared | runs/demo/curves.png")
+    for name, what, report in (("eval", "", "reports/dataset.html"), ("eval_video", "video demo: ", "reports/video.html")):
+        path = ROOT / "metrics" / f"{name}.json"
+        if path.exists():
+            m = json.loads(path.read_text())
+            ablation = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in m["ablation"].items() if v["accuracy"] is not None)
+            print(f"\n{what}test accuracy {m['accuracy']:.3f}, macro F1 {m['macro_f1']:.3f}; one modality only: {ablation}")
+            print(f"open offline: {report} (the data) and metrics/{name}.html (the model)")
+    print("more: dvc metrics show | dvc plots show | mmprep inspect data/prepared | runs/demo/curves.png")
 
 
 def main(argv: list[str]) -> int:

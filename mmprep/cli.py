@@ -36,7 +36,7 @@ def _demo_corpus(argv: list[str]) -> int:
     parser.add_argument("--samples", type=int, default=None, help="number of samples (default: params or 2000)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: params or 0)")
     parser.add_argument("--video", type=float, default=None, help="share of clean rows that are video clips (default: params or 0)")
-    parser.add_argument("--params", default=None, help="params.yaml (section demo_corpus)")
+    parser.add_argument("--params", action="append", default=None, help="params.yaml (section demo_corpus); repeat to layer files, later ones win")
     args = _args(parser, argv)
     cfg = load_params(args.params).demo_corpus
     from mmprep.config import params_from_dict, to_dict
@@ -69,7 +69,7 @@ def _train(argv: list[str]) -> int:
                      "  torchrun --nproc_per_node=N -m mmprep.cli train --data data/prepared --output runs/demo   (DDP)", "train")
     parser.add_argument("--data", required=True, help="prepared dataset directory (mmprep prepare --output)")
     parser.add_argument("--output", required=True, help="run directory (checkpoints, model, metrics)")
-    parser.add_argument("--params", default=None, help="params.yaml (section train)")
+    parser.add_argument("--params", action="append", default=None, help="params.yaml (section train); repeat to layer files, later ones win")
     parser.add_argument("--metrics", default=None, help="DVCLive directory (None: RUN/dvclive)")
     args = _args(parser, argv)
     cfg = load_params(args.params).train
@@ -85,7 +85,7 @@ def _evaluate(argv: list[str]) -> int:
     parser.add_argument("--data", required=True, help="prepared dataset directory")
     parser.add_argument("--model", required=True, help="run directory written by mmprep train")
     parser.add_argument("--output", required=True, help="metrics JSON to write (a PNG confusion matrix beside it)")
-    parser.add_argument("--params", default=None, help="params.yaml (section evaluate)")
+    parser.add_argument("--params", action="append", default=None, help="params.yaml (section evaluate); repeat to layer files, later ones win")
     args = _args(parser, argv)
     cfg = load_params(args.params).evaluate
     from train.evaluate import evaluate

@@ -306,20 +306,33 @@ def params_from_dict(data: dict[str, Any] | None) -> Params:
     return params
 
 
-def load_params(path: str | Path | None) -> Params:
-    """Read and validate a params.yaml; None gives the built-in defaults."""
-    if path is None:
+def load_params(path: str | Path | list[str | Path] | None) -> Params:
+    """Read and validate a params.yaml; None gives the built-in defaults. Several files are
+    layered in order: a later file's keys replace an earlier one's, section by section
+    (`--params params.yaml --params params-video.yaml`: a base and what one run changes)."""
+    if path is None or path == []:
         return params_from_dict({})
     import yaml
 
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"params file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{p}: not valid YAML: {str(err).splitlines()[0]}") from None
-    return params_from_dict(data)
+    merged: dict[str, Any] = {}
+    for one in path if isinstance(path, list) else [path]:
+        p = Path(one)
+        if not p.is_file():
+            raise ConfigError(f"params file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML: {str(err).splitlines()[0]}") from None
+        merged = _layered(merged, data) if isinstance(data, dict) else data
+    return params_from_dict(merged)
+
+
+def _layered(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`: mappings merge key by key, anything else (lists too) is replaced."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _layered(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def to_dict(obj: Any) -> Any:

@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--input", required=True, help="manifest (.jsonl/.csv/.parquet), directory layout, Hugging Face Parquet, "
                         "or WebDataset tars (a .tar, folder, comma list, {000..009} pattern); local or URI")
     parser.add_argument("--output", required=True, help="output directory (local or URI)")
-    parser.add_argument("--params", default=None, help="params.yaml (section `prepare`); built-in defaults if omitted")
+    parser.add_argument("--params", action="append", default=None, help="params.yaml (section `prepare`); built-in defaults if omitted; repeat to layer files, later ones win")
     parser.add_argument("--workers", type=int, default=None, help="local worker processes (None: 1, or Beam's --direct_num_workers)")
     parser.add_argument(
         "--cache",

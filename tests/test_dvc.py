@@ -40,6 +40,9 @@ def test_dvc_repro_end_to_end_then_noop(tmp_path):
     params["demo_corpus"]["samples"] = 240
     params["train"]["epochs"] = 2
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    video = yaml.safe_load((repo / "params-video.yaml").read_text())  # layered over params.yaml by the video demo
+    video["demo_corpus"]["samples"], video["train"]["epochs"] = 160, 2
+    (repo / "params-video.yaml").write_text(yaml.safe_dump(video, sort_keys=False))
     git = ["git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci"]
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
@@ -54,6 +57,10 @@ def test_dvc_repro_end_to_end_then_noop(tmp_path):
         assert "accuracy" in dvc(repo, "metrics", "show")
         report = (repo / "reports" / "dataset.html").read_text()  # the dataset report links the training report
         assert 'href="../metrics/eval.html"' in report and (repo / "metrics" / "eval.html").exists()
+    videos = json.loads((repo / "data" / "prepared_video" / "dataset.json").read_text())
+    assert videos["features"]["video"]["size"] == 32 and videos["counts"]["modalities"]["train"]["video"] > 80
+    assert "video_only" in json.loads((repo / "metrics" / "eval_video.json").read_text())["ablation"]
+    assert (repo / "reports" / "video.html").stat().st_size > 10000
     again = dvc(repo, "repro")
     assert "up to date" in again or "didn't change" in again, again
     assert (repo / "dvclive" / "plots" / "images" / "curves.png").stat().st_size > 1000  # renders offline
@@ -66,6 +73,12 @@ def test_dvc_repro_end_to_end_then_noop(tmp_path):
            "--image", str(media / row["image"]), "--audio", str(media / row["audio"]), "--text", row["text"]]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout.splitlines()
     assert out[0] in dataset["labels"] and len(out) == 1 + len(dataset["labels"])
+    clip = next(r for r in map(json.loads, (repo / "data" / "video_corpus" / "manifest.jsonl").read_bytes().splitlines()[12:20])
+                if "video" in r)
+    cmd = [sys.executable, "-m", "mmprep.cli", "predict", "--model", str(repo / "runs" / "video"),
+           "--video", str(repo / "data" / "video_corpus" / clip["video"]), "--text", clip["text"]]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout.splitlines()
+    assert out[0] in videos["labels"] and len(out) == 1 + len(videos["labels"])
 
     # an experiment with another fusion module
     dvc(repo, "exp", "run", "-S", "train.fusion=attention")

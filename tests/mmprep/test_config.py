@@ -44,3 +44,19 @@ def test_missing_and_invalid_files(tmp_path):
     bad.write_text("prepare: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(bad)
+
+
+def test_params_files_layer_in_order_section_by_section(tmp_path):
+    base = ROOT / "params.yaml"
+    top = tmp_path / "top.yaml"
+    top.write_text("prepare:\n  video:\n    size: 32\n  link_modalities: [video]\ntrain:\n  epochs: 3\n")
+    p = load_params([base, top])
+    shipped = load_params(base)
+    assert (p.prepare.video.size, p.prepare.link_modalities, p.train.epochs) == (32, ("video",), 3)
+    assert p.prepare.video.frames == shipped.prepare.video.frames and p.prepare.image == shipped.prepare.image  # kept from the base
+    assert p.train.width == shipped.train.width
+    video = load_params([base, ROOT / "params-video.yaml"])  # the video demo's layer
+    assert video.demo_corpus.video == 1.0 and video.prepare.audio == shipped.prepare.audio
+    with pytest.raises(ConfigError, match="prepare.video.size"):
+        top.write_text("prepare:\n  video:\n    size: 2\n")
+        load_params([base, top])

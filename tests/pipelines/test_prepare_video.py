@@ -3,6 +3,7 @@ hostile files — checked in the output as a user would (shards, tables, dataset
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -199,3 +200,16 @@ def test_video_output_is_the_same_bytes_with_two_workers_and_from_the_cache(prep
     again = tmp_path / "again"  # every row from the cache the fixture's run filled
     _prepare(corpus / "manifest.jsonl", again)
     assert digests(again) == digests(prepared)
+
+
+def test_the_report_shows_each_clips_frames_left_to_right(prepared, tmp_path):
+    from mmprep.report import build_report
+
+    page = tmp_path / "report.html"
+    build_report(str(prepared), str(page))
+    html = page.read_text()
+    shown = re.findall(r'<img src="data:image/jpeg;base64,([^"]+)" alt="video frames of [^"]+" height="48">', html)
+    assert shown
+    frames = json.loads((prepared / "dataset.json").read_text())["features"]["video"]
+    strip = cv2.imdecode(np.frombuffer(base64.b64decode(shown[0]), np.uint8), cv2.IMREAD_COLOR)
+    assert strip.shape[:2] == (frames["size"], frames["size"] * frames["frames"])
