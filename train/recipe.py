@@ -211,7 +211,7 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
             row = {"epoch": epoch + 1, "step": step, "train_loss": float(timer["loss"]) / max(1, timer["n"]), "val_accuracy": val_acc,
                    **{f"val_{k}": v for k, v in val.items() if k != "accuracy"}, "lr": scheduler.get_last_lr()[0]}
             history.append(row)
-            alone = " ".join(f"{k} {v:.3f}" for k, v in val.items() if k != "accuracy")
+            alone = " ".join(f"{k} {v:.3f}" for k, v in val.items() if k != "accuracy" and v == v)  # NaN: no val sample has it
             print(f"[train] epoch {epoch + 1}/{epochs} loss {row['train_loss']:.4f} val_accuracy {val_acc:.4f}"
                   + (f" (one modality: {alone})" if alone else ""), file=sys.stderr)
             _log_live(live, row)

@@ -174,6 +174,19 @@ def test_directory_layout_and_webdataset_inputs_read_video_files(clips, tmp_path
     manifest = pq.read_table(out / "manifest.parquet").to_pylist()
     assert sorted(r["id"] for r in manifest) == ["k1", "k2"] and all(r["has_video"] for r in manifest)
 
+    import pyarrow as pa  # Parquet as Hugging Face writes a Video column: {bytes, path} structs
+
+    table = pa.table({"video": [{"bytes": (clips / "a.mp4").read_bytes(), "path": "a.mp4"}, {"bytes": None, "path": str(clips / "other3.mp4")}],
+                      "label": ["right", "left"]})
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    pq.write_table(table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": {"video": {"_type": "Video"}}}})}),
+                   hf / "train.parquet")
+    out = tmp_path / "out-hf"
+    _prepare(hf / "train.parquet", out)
+    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert sorted(r["id"] for r in manifest) == ["train.parquet:1", "train.parquet:2"] and all(r["has_video"] for r in manifest)
+
 
 def test_hostile_files_named_as_video_are_rejects_not_crashes(clips, tmp_path):
     good = (clips / "a.mp4").read_bytes()
