@@ -1,6 +1,6 @@
 """Prepare at scale, measured side by side in one run (by hand; the README table comes from it).
 
-    python benchmarks/prepare_bench.py --samples 2000 --factor 8 --workers 1 2
+    python benchmarks/prepare_bench.py --samples 2000 --factor 8 --workers 1 2 [--video 600]
 
 On one demo corpus of about factor·N·1.01 rows it measures
   * `mmprep prepare` (no cache) on the first N and the first factor·N rows with each worker
@@ -12,13 +12,16 @@ On one demo corpus of about factor·N·1.01 rows it measures
   * an incremental rerun: one manifest of factor·N rows with a cache, then the same manifest
     with 1 % more rows appended, with the same cache, against a run from scratch on all rows:
     time share and identical bytes;
-  * identical bytes between worker counts.
+  * identical bytes between worker counts;
+  * with --video ROWS: prepare on a corpus of demo clips, and the decode cost of one clip
+    (benchmarks/video_bench.py measures long and HD clips).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -152,6 +155,7 @@ def main() -> None:
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
     parser.add_argument("--repeat", type=int, default=2, help="interleaved repeats; the best of them is reported")
     parser.add_argument("--corpus", default=None, help="keep the generated corpus here (reused when it exists)")
+    parser.add_argument("--video", type=int, default=0, help="also prepare a corpus of this many video rows (demo clips)")
     args = parser.parse_args()
     n, big = args.samples, args.samples * args.factor
     env = {**os.environ, **ONE_THREAD}
@@ -240,6 +244,40 @@ def main() -> None:
         same_inc = all(same for _, _, same in incremental.values())
         print(f"| bytes: incremental vs scratch | {'identical' if same_inc else 'DIFFERENT'} |")
         print(f"| bytes: {' vs '.join(map(str, args.workers))} workers | {'identical' if same_workers else 'DIFFERENT'} |")
+        if args.video:
+            video_rows(args, tmp, mm, env)
+
+
+def video_rows(args, tmp: Path, mm: list[str], env: dict) -> None:
+    """Prepare on a corpus of demo clips (every clean row a video, its sound track the audio),
+    and what decoding one clip costs, seeking to each sample time vs one sequential decode."""
+    from dataclasses import replace
+
+    from video_bench import timed
+
+    from mmprep.config import load_params
+
+    corpus = tmp / "video-corpus"
+    subprocess.run([*mm, "demo-corpus", str(corpus), "--samples", str(args.video), "--video", "1.0", "--params", args.params],
+                   check=True, stdout=subprocess.DEVNULL)
+    for workers in args.workers:
+        seconds, peak = measure([*mm, "prepare", "--input", str(corpus / "manifest.jsonl"), "--output", str(tmp / f"video-{workers}"),
+                                 "--params", args.params, "--workers", str(workers), "--no-cache"], env)
+        print(f"| video corpus, {args.video} rows, {workers} worker(s) | {args.video / seconds:.1f} rows/s ({seconds:.1f}s), "
+              f"peak RSS {peak / 2**20:.0f} MiB |")
+    cfg = load_params(args.params).prepare.video
+    dirt = {d["id"] for d in json.loads((corpus / "dirt.json").read_text())}  # the hostile clips are rejects, not timings
+    rows = []
+    for line in (corpus / "manifest.jsonl").read_bytes().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # the corpus's malformed and invalid-UTF-8 lines
+            continue
+    clips = [corpus / r["video"] for r in rows if "video" in r and r["id"] not in dirt][:100]
+    for seek in (True, False):
+        total = sum(timed(p.read_bytes(), replace(cfg, seek=seek), 2)[0] for p in clips)
+        print(f"| decode a demo clip (≤ 128 px, 1-1.5 s, {cfg.frames} frames sampled), {'seeking' if seek else 'sequential'} | "
+              f"{total / len(clips) * 1000:.1f} ms ({len(clips)} clips) |")
 
 
 if __name__ == "__main__":

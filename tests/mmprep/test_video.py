@@ -295,3 +295,25 @@ def test_video_config_is_validated_like_the_others():
         params_from_dict({"prepare": {"video": {"seek": "yes"}}})
     with pytest.raises(ConfigError, match=r"prepare\.video\.audio_track: 'keep' is not one of use, ignore"):
         params_from_dict({"prepare": {"video": {"audio_track": "keep"}}})
+
+
+def test_frames_declaring_giant_dimensions_are_refused_without_allocating_them():
+    """Motion-JPEG frames whose headers (and the AVI's) claim 60000×60000 pixels: 10.8 GB a frame
+    if believed. FFmpeg's own pixel cap (set while probing and decoding) refuses them."""
+    import resource
+    import struct
+
+    buf = io.BytesIO()
+    write_clip(buf, [np.full((48, 64, 3), 20 * i, np.uint8) for i in range(6)], 6, container="avi", codec="mjpeg", pix_fmt="yuvj420p")
+    data = bytearray(buf.getvalue())
+    at = data.find(b"\xff\xc0")  # every JPEG's SOF0: length, precision, height, width
+    while at >= 0:
+        struct.pack_into(">HH", data, at + 5, 60000, 60000)
+        at = data.find(b"\xff\xc0", at + 2)
+    for box, offset, fmt in ((b"avih", 32, "<II"), (b"strf", 4, "<ii")):
+        struct.pack_into(fmt, data, data.find(box) + 8 + offset, 60000, 60000)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.monotonic()
+    assert rejects(bytes(data), VID) in ("video_too_large", "video_undecodable")
+    assert time.monotonic() - start < 5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB: nothing near one frame's size
