@@ -149,9 +149,19 @@ def _encode_audio(rng: np.random.Generator, wave: np.ndarray, sr: int) -> tuple[
     fmt, subtype, ext = [("WAV", "PCM_16", "wav"), ("WAV", "PCM_24", "wav"), ("WAV", "FLOAT", "wav"), ("FLAC", "PCM_16", "flac")][
         int(rng.choice(4, p=[0.35, 0.1, 0.1, 0.45]))
     ]
+    return _sound_file(np.clip(wave, -1, 1).astype(np.float32), sr, fmt, subtype), ext
+
+
+def _sound_file(wave: np.ndarray, sr: int, fmt: str = "WAV", subtype: str = "FLOAT") -> bytes:
+    """libsndfile's bytes, reproducible: a float WAV's PEAK chunk carries the second it was
+    written (version, timestamp, then a value and position per channel); it is set to 0."""
     buf = io.BytesIO()
-    sf.write(buf, np.clip(wave, -1, 1).astype(np.float32), sr, format=fmt, subtype=subtype)
-    return buf.getvalue(), ext
+    sf.write(buf, wave, sr, format=fmt, subtype=subtype)
+    data = bytearray(buf.getvalue())
+    at = data.find(b"PEAK", 12) if fmt == "WAV" else -1
+    if at >= 0:
+        data[at + 12 : at + 16] = bytes(4)
+    return bytes(data)
 
 
 def _caption(rng: np.random.Generator, colour: str) -> str:
@@ -282,9 +292,7 @@ def _dirty(w: _Writer, kind: str, i: int, row: dict[str, Any], clean: list[dict[
         wave = np.zeros(int(16000 * seconds), np.float32) if kind == "silent_audio" else _tone(rng, "low", 16000, seconds).astype(np.float32)
         if kind == "nan_audio":
             wave[rng.integers(0, wave.size, 5)] = np.nan
-        buf = io.BytesIO()
-        sf.write(buf, wave, 16000, format="WAV", subtype="FLOAT")
-        row["audio"] = w.put(f"{i:06d}-{kind}.wav", buf.getvalue())
+        row["audio"] = w.put(f"{i:06d}-{kind}.wav", _sound_file(wave, 16000))
     elif kind == "empty_text":
         row["text"] = ""
     elif kind == "whitespace_text":
@@ -328,7 +336,8 @@ def _plan(samples: int, dirt_ratio: float, rng: np.random.Generator) -> list[str
 
 def write_demo_corpus(out: str | Path, samples: int = 2000, seed: int = 0, dirt_ratio: float = 0.05,
                       task: str = "combined", missing: float = 0.0, video: float = 0.0) -> dict[str, Any]:
-    """Write OUT/manifest.jsonl, OUT/media/*, OUT/dirt.json; byte-identical per arguments.
+    """Write OUT/manifest.jsonl, OUT/media/*, OUT/dirt.json; byte-identical per arguments (but
+    for some H.264 clips: see mmprep/clips.py).
     `missing`: share of clean rows that lack one modality (chosen at random); they are kept.
     `video`: share of the other clean rows (after the first 12) that become video rows (the
     combined task only); their draws come from a stream of their own, so the other rows are

@@ -16,3 +16,18 @@ def test_redundant_demo_corpus_carries_the_label_in_each_modality_and_misses_som
     assert 0.15 < len(lacking) / len(rows) < 0.45
     assert all(sum(m in r for m in ("image", "audio", "text")) == 2 for r in lacking)
     assert {d["id"] for d in dirt if d["kind"].startswith("lacks_")} == {r["id"] for r in lacking}
+
+
+def test_the_demo_corpus_is_the_same_bytes_a_second_later(tmp_path):
+    """libsndfile stamps float WAVs with the current second; the corpus must not change with it.
+    (H.264 clips are left out: see mmprep/clips.py on x264's bytes.)"""
+    import hashlib
+    import time
+
+    def digest(out):
+        write_demo_corpus(out, samples=60, seed=1, video=0.2)
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*")) if p.is_file() and p.suffix != ".mp4"}
+
+    first = digest(tmp_path / "a")
+    time.sleep(1.1)
+    assert digest(tmp_path / "b") == first
