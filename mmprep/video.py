@@ -60,6 +60,7 @@ import bisect
 import contextlib
 import io
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -159,7 +160,12 @@ def decode_strip(strip: bytes, frames: int) -> np.ndarray:
 
 
 def _message(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    """FFmpeg's words without PyAV's wrapping: "[Errno 1094995529] Invalid data found when
+    processing input: '<none>'" (errno and file name say nothing here) → "Invalid data found
+    when processing input"; FFmpeg's last log line, when PyAV attaches one, follows."""
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    text = re.sub(r"^\[Errno -?\d+\] ", "", text).replace(": '<none>'", "")
+    return text[:200]
 
 
 @contextlib.contextmanager
