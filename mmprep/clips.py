@@ -5,11 +5,12 @@ Bytes are reproducible: the muxer and the encoders run with FFmpeg's `bitexact` 
 library version strings or creation times in the file) and one encoder thread (x264's and
 libvpx's output depends on their thread count), so the same inputs give the same file on the
 same FFmpeg build — a test pins it for mp4/libx264, webm/libvpx-vp9, mkv, mov and avi/mpeg4.
-Exception seen, cause not found: writing the whole demo corpus twice in one process, a few of
-its ~10 H.264 clips per 60 rows came out different (the same frames and sound going in, the
-video packets differing from the 7th frame on), while repeated encodes of one clip, and
-every VP8/WebM clip, were identical. x264's own thread options and converting to YUV before
-the encoder did not change it.
+Exception seen, cause not found: once a process has encoded a few hundred clips, libx264 can
+write different bytes for the same frames and sound (the video packets differ from the 7th
+frame on; the first ~170 clips of the video demo were identical across processes, later ones
+not), while repeated encodes of one clip, MPEG-4 Part 2 and VP8 stay identical. x264's own
+thread options and converting to YUV before the encoder did not change it. The demo corpus
+therefore writes MPEG-4 Part 2 into its mp4s.
 """
 
 from __future__ import annotations
