@@ -291,3 +291,14 @@ def decode_jpg(jpg: bytes) -> np.ndarray:
     if img is None:
         raise ValueError("not a JPEG written by mmprep")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def decode_strip(strip: bytes, frames: int | None = None) -> np.ndarray:
+    """A video strip (square frames stacked vertically in one JPEG, `video.process_video`) →
+    uint8 [frames, size, size, 3] RGB; `frames` None: as many as it holds."""
+    rgb = decode_jpg(strip)
+    height, size = rgb.shape[:2]
+    if height % size or (frames is not None and height != frames * size):
+        expected = f" ({frames} square frames expected)" if frames is not None else ""
+        raise ValueError(f"video strip of {size}x{height} pixels is not a stack of {size}x{size} frames{expected}")
+    return rgb.reshape(height // size, size, size, 3)

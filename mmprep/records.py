@@ -83,6 +83,11 @@ class RawRow:
     # modality's path field then holds a display name ("shard-000.tar:KEY.jpg"), not a file.
     media: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    def media_paths(self) -> tuple[tuple[str, str | None], ...]:
+        """(modality, path or display name) of the media to load, in MODALITIES order; a text
+        given inline has none."""
+        return (("image", self.image), ("audio", self.audio), ("text", self.text_path), ("video", self.video))
+
 
 @dataclass(frozen=True)
 class Sample:

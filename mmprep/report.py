@@ -231,7 +231,7 @@ def _filmstrip(strip: bytes, frames: int) -> bytes | None:
     """A stored video strip (frames stacked vertically) laid out left to right, as JPEG."""
     import cv2
 
-    from mmprep.video import decode_strip
+    from mmprep.image import decode_strip
 
     try:
         rgb = decode_strip(strip, frames)

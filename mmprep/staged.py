@@ -74,7 +74,7 @@ def entry_name(context: str, row: RawRow, media: dict[str, str]) -> str:
         "label": row.label,
         "text": row.text if isinstance(row.text, str) or row.text is None else row.text.hex(),
         "extra": row.extra,
-        "modalities": [m for m, v in (("image", row.image), ("audio", row.audio), ("text_file", row.text_path), ("video", row.video)) if v],
+        "modalities": ["text_file" if m == "text" else m for m, v in row.media_paths() if v],
         "media": media,
     }
     blob = json.dumps([context, fields], sort_keys=True, ensure_ascii=True, default=str)

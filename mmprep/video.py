@@ -71,7 +71,7 @@ from av.container import InputContainer
 from av.stream import Disposition
 
 from mmprep.config import VideoConfig
-from mmprep.image import decode_jpg, encode_jpeg, phash, resize_crop
+from mmprep.image import encode_jpeg, phash, resize_crop
 from mmprep.records import RecordError
 
 av.logging.set_level(av.logging.PANIC)  # a damaged file makes FFmpeg log a line per packet
@@ -148,15 +148,6 @@ def process_video(data: bytes, cfg: VideoConfig, want_track: bool = True) -> Vid
         track_rate=rate,
         meta=meta,
     )
-
-
-def decode_strip(strip: bytes, frames: int) -> np.ndarray:
-    """A strip from `process_video` → uint8 [frames, size, size, 3] RGB."""
-    rgb = decode_jpg(strip)
-    height, width = rgb.shape[:2]
-    if height != frames * width:
-        raise ValueError(f"a {width}x{height} strip does not hold {frames} square frames")
-    return rgb.reshape(frames, width, width, 3)
 
 
 def _message(err: Exception) -> str:

@@ -619,7 +619,7 @@ def load_media(row: RawRow, max_bytes: int) -> dict[str, bytes | str | RecordErr
     """Read each declared modality's bytes (local path or URI; those carried in `row.media` as
     they are, under the same checks) or the error met doing so."""
     loaded: dict[str, bytes | str | RecordError] = {}
-    for modality, path in (("image", row.image), ("audio", row.audio), ("text", row.text_path), ("video", row.video)):
+    for modality, path in row.media_paths():
         if modality in row.media:  # carried in the row (embedded in the input): `path` only names it
             data = row.media[modality]
             loaded[modality] = data if isinstance(data, RecordError) else _checked(path or modality, data, max_bytes)

@@ -183,8 +183,7 @@ class ProcessRangeFn(beam.DoFn):
 
         # media carried in the row (embedded in a Parquet file or a tar) have no file to stat:
         # they are hashed once loaded, like URIs
-        paths = {m: p for m, p in (("image", row.image), ("audio", row.audio), ("text", row.text_path), ("video", row.video))
-                 if p is not None and m not in row.media}
+        paths = {m: p for m, p in row.media_paths() if p is not None and m not in row.media}
         stats = {m: stat_key(p) for m, p in paths.items()}
         if self.files is not None:  # a range can be reused whole only if all its media are local files (or missing ones)
             if row.media or any("://" in p for p in paths.values()):

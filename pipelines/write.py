@@ -19,7 +19,7 @@ from apache_beam.metrics import Metrics
 
 from mmprep.config import PrepareConfig, to_dict
 from mmprep.process import limit_threads
-from mmprep.records import Sample
+from mmprep.records import MODALITIES, Sample
 from mmprep.shards import SPLITS, dumps_json, sample_members, shard_meta, write_tar
 from pipelines.files import atomic_stream, join, put, read_bytes, read_table, table_bytes
 from pipelines.progress import driver_gone
@@ -47,7 +47,6 @@ MANIFEST_SCHEMA = pa.schema(
     ]
 )
 VERSIONED = ("mmprep", "apache-beam", "numpy", "opencv-python-headless", "soundfile", "soxr", "scipy", "sentencepiece", "pyarrow", "av")
-MODALITIES = ("image", "audio", "text", "video")
 
 
 WORK = ".mmprep-work"  # inside the output: parts of the tables (and staging with --no-cache); removed at the end

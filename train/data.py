@@ -23,6 +23,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
 
+from mmprep.image import decode_strip as strip_frames
 from mmprep.shards import TarDamage, load_npy, tar_entries
 
 if TYPE_CHECKING:
@@ -106,11 +107,7 @@ def _rgb_chw(jpg: bytes) -> np.ndarray:
 def decode_strip(jpg: bytes) -> np.ndarray:
     """A video member (its T frames of S×S stacked vertically in one JPEG) → uint8 [T, 3, S, S].
     The frames are square, so the width gives S; collate checks T and S against dataset.json."""
-    strip = _rgb_chw(jpg)
-    _, height, size = strip.shape
-    if height % size:
-        raise ValueError(f"video strip of {size}x{height} pixels is not a stack of {size}x{size} frames")
-    return np.ascontiguousarray(strip.reshape(3, height // size, size, size).transpose(1, 0, 2, 3))
+    return np.ascontiguousarray(strip_frames(jpg).transpose(0, 3, 1, 2))
 
 
 def _raise(exn: Exception) -> bool:

@@ -17,9 +17,9 @@ import mmprep.video as video
 from mmprep.audio import process_audio, process_waveform
 from mmprep.clips import write_clip
 from mmprep.config import AudioConfig, ConfigError, VideoConfig, params_from_dict
-from mmprep.image import hamming
+from mmprep.image import decode_strip, hamming
 from mmprep.records import RecordError
-from mmprep.video import decode_strip, process_video
+from mmprep.video import process_video
 
 VID = VideoConfig(frames=8, size=32)
 AUD = AudioConfig(sample_rate=16000, clip_seconds=1.0, n_mels=40, min_duration=0.2)

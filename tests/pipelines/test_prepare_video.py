@@ -20,8 +20,8 @@ import pytest
 
 from mmprep.clips import write_clip
 from mmprep.democorpus import VIDEO_DIRT, write_demo_corpus
+from mmprep.image import decode_strip
 from mmprep.shards import iter_shard
-from mmprep.video import decode_strip
 from pipelines.prepare import main as prepare_main
 from tests.pipelines.test_prepare import CHECKER, PARAMS, digests
 
