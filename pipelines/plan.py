@@ -176,7 +176,7 @@ class PlanFn(beam.DoFn):
         split = _split(kept, keys, cfg)
         splits, group_of, split.splits, split.keys, split.group_of = split.splits, split.group_of, [], [], []
         model = self._tokenizer(kept, keys, splits)
-        put(join(self.work, "tokenizer.model"), model)
+        put(join(self.work, "tokenizer.model"), model, durable=False)
         index = shard_indices(splits, kept["size"].to_pylist(), cfg.shard)
         label_id = {label: i for i, label in enumerate(labels)}
         names = [shard_name(s, i) for s, i in zip(splits, index, strict=True)]
@@ -195,7 +195,7 @@ class PlanFn(beam.DoFn):
         for start, end in itertools.pairwise(starts):
             name = str(shard[start])
             rows = plan.slice(start, end - start).drop_columns(["shard"]).cast(PLAN_SCHEMA)  # key order
-            put(join(self.work, "plan", f"{name}.parquet"), arrow_bytes(rows))
+            put(join(self.work, "plan", f"{name}.parquet"), arrow_bytes(rows), durable=False)
             tasks.append((name, name.split("-")[0]))
         del shard, plan
         summary = {
@@ -208,7 +208,7 @@ class PlanFn(beam.DoFn):
             "rejects_by_stage": dict(sorted(_count(r["stage"] for r in rejects).items())),
             "shards": [name for name, _ in tasks],
         }
-        put(join(self.work, "plan.json"), json.dumps(summary, sort_keys=True).encode())
+        put(join(self.work, "plan.json"), json.dumps(summary, sort_keys=True).encode(), durable=False)
         yield from sorted(tasks)
 
     def _tokenizer(self, kept: pa.Table, keys: list[str], splits: list[str]) -> bytes:

@@ -31,10 +31,11 @@ START_TIMEOUT = 300.0  # seconds for a child to import its libraries (a cold dis
 
 
 def _write_frame(f, data: bytes) -> None:
-    view = memoryview(_LEN.pack(len(data)) + data)
-    while view:  # a raw pipe may take part of it
-        written = f.write(view)
-        view = view[written if written is not None else 0 :]
+    for part in (_LEN.pack(len(data)), data):  # not concatenated: that copied every row's media once more
+        view = memoryview(part)
+        while view:  # a raw pipe may take part of it
+            written = f.write(view)
+            view = view[written if written is not None else 0 :]
     f.flush()
 
 
@@ -80,18 +81,29 @@ class Sandbox:
     def __init__(self, cfg: PrepareConfig) -> None:
         self.cfg = cfg
         self.proc: subprocess.Popen | None = None
+        self.ready = False
 
-    def _start(self) -> None:
-        self.proc = subprocess.Popen(  # noqa: S603 - our own module, same interpreter
-            [sys.executable, "-m", "pipelines.sandbox"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_env(),
-            bufsize=0,  # raw pipes: select() sees every byte the child sent (no read-ahead buffer)
-        )
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            _widen(pipe)
-        _write_frame(self.proc.stdin, pickle.dumps(self.cfg))
+    def start(self) -> None:
+        """Start the child now, without waiting for it: it imports its libraries while the
+        worker reads its first rows (`run_many` waits for it to be ready)."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen(  # noqa: S603 - our own module, same interpreter
+                [sys.executable, "-m", "pipelines.sandbox"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_env(),
+                bufsize=0,  # raw pipes: select() sees every byte the child sent (no read-ahead buffer)
+            )
+            self.ready = False
+            for pipe in (self.proc.stdin, self.proc.stdout):
+                _widen(pipe)
+            _write_frame(self.proc.stdin, pickle.dumps(self.cfg))
+
+    def _ready(self) -> None:
+        self.start()
+        if self.ready:
+            return
         if not select.select([self.proc.stdout], [], [], START_TIMEOUT)[0] or _read_frame(self.proc.stdout) != b"ready":
             self.close()
             raise RuntimeError("the row-processing child process did not start (see its error above)")
+        self.ready = True
 
     def run(self, row: RawRow, loaded: dict[str, Any], name: str) -> bytes | RecordError:
         return self.run_many([(row, loaded, name)])[0]
@@ -102,8 +114,7 @@ class Sandbox:
         before. After a timeout or a crash, the rows not done yet go to a fresh child."""
         out: list[bytes | RecordError] = []
         while len(out) < len(items):
-            if self.proc is None or self.proc.poll() is not None:
-                self._start()
+            self._ready()
             proc, rest = self.proc, items[len(out) :]
             feeder = threading.Thread(target=self._feed, args=(proc, rest), daemon=True)
             feeder.start()

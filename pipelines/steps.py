@@ -104,7 +104,15 @@ class ProcessRangeFn(beam.DoFn):
         self.progress = WorkerCount(self.progress_dir, self.total, self.driver)
         self.memo: list[tuple[str, str]] = []
         self.sandbox = Sandbox(self.cfg) if self.cfg.row_timeout > 0 else None
-        self.pool = None  # one thread that runs a batch in the child (see submit)
+        self.pool = None  # the one thread that streams batches to the child (see submit)
+        if self.sandbox is not None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="mmprep-child")
+            # started now, so it imports its libraries while the first rows are read, and from the
+            # thread that feeds it: the kernel's PR_SET_PDEATHSIG follows the thread that started a
+            # child, and a thread of Beam's pool may end before this worker does
+            self.pool.submit(self.sandbox.start)
 
     def process(self, rng: Range):
         from pipelines.files import join, put, table_bytes
@@ -115,7 +123,7 @@ class ProcessRangeFn(beam.DoFn):
         found = self.store.get_range(key) if key else None
         if found is not None:  # the whole range as the last run left it: no row is parsed or looked up
             data, counts = found
-            put(part, data)
+            put(part, data, durable=False)
             for name, n in counts.items():
                 Metrics.counter(*name.split(".", 1)).inc(n)
             self.ranges_reused.inc()
@@ -154,7 +162,7 @@ class ProcessRangeFn(beam.DoFn):
         locations = self.store.write_pack(staged, self.memo)  # the new entries of this range: one file
         rows = [index_row(r if isinstance(r, Reject) or ":" in r.entry else r._replace(entry=locations[r.entry])) for r in results]
         data = table_bytes(rows, INDEX_SCHEMA)
-        put(part, data)
+        put(part, data, durable=False)
         if key and self.files is not None and not any(isinstance(r, Reject) and r.reason in UNCACHED for r in results):
             self.store.put_range(key, data, range_counts(results), self.files, [r["entry"] for r in rows if r.get("entry")])
         yield {"part": part, "rows": len(rows)}
@@ -217,10 +225,6 @@ class ProcessRangeFn(beam.DoFn):
         rows meanwhile. With row_timeout 0 (no child) the batch is processed here, now."""
         if self.sandbox is None:
             return todo, [self.process_here(row, loaded, name) for _, row, loaded, name in todo]
-        if self.pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self.pool = ThreadPoolExecutor(1, thread_name_prefix="mmprep-child")
         return todo, self.pool.submit(self.sandbox.run_many, [(row, loaded, name) for _, row, loaded, name in todo])
 
     def collect(self, running, results: list, staged_rows: list[tuple[str, bytes]]) -> None:

@@ -21,7 +21,7 @@ from mmprep.config import PrepareConfig, to_dict
 from mmprep.process import limit_threads
 from mmprep.records import MODALITIES, Sample
 from mmprep.shards import SPLITS, dumps_json, sample_members, shard_meta, write_tar
-from pipelines.files import atomic_stream, join, put, read_bytes, read_table, table_bytes
+from pipelines.files import Publisher, atomic_stream, join, put, read_bytes, read_table, table_bytes
 from pipelines.progress import driver_gone
 from pipelines.staging import Store
 from pipelines.steps import read_staged
@@ -49,7 +49,8 @@ MANIFEST_SCHEMA = pa.schema(
 VERSIONED = ("mmprep", "apache-beam", "numpy", "opencv-python-headless", "soundfile", "soxr", "scipy", "sentencepiece", "pyarrow", "av")
 
 
-WORK = ".mmprep-work"  # inside the output: parts of the tables (and staging with --no-cache); removed at the end
+WORK = ".mmprep-work"  # inside the output: parts of the tables (and staging with --no-cache); removed at the end, and
+# written without fsync: a killed run's work directory is deleted by the next run, never read
 
 
 def manifest_row(s: Sample, split: str, label_id: int | None, shard: str, group: str) -> dict:
@@ -91,9 +92,14 @@ class WriteShardFn(beam.DoFn):
         limit_threads()
         self.store = Store(self.store_root, context_digest(self.cfg))
         self.tokenizer = None
+        self.publisher = Publisher()
+
+    def finish_bundle(self) -> None:
+        self.publisher.wait()  # every shard of the bundle in place before the bundle counts as done
 
     def teardown(self) -> None:
         self.store.close()
+        self.publisher.close()
 
     def process(self, task: tuple[str, str]):
         from mmprep.stats import F16_SCALE, MomentSum
@@ -130,9 +136,9 @@ class WriteShardFn(beam.DoFn):
                 yield s.key, sample_members(s.key, meta=meta, jpg=s.jpg, mel=s.mel, tokens=tokens, text=s.text, label_id=label_id,
                                             video=s.video)
 
-        with atomic_stream(join(self.out, name)) as f:
+        with atomic_stream(join(self.out, name), publisher=self.publisher) as f:
             sha, size = write_tar(f, samples())
-        put(join(self.work, "parts", f"manifest-{name}.parquet"), table_bytes(rows, MANIFEST_SCHEMA))
+        put(join(self.work, "parts", f"manifest-{name}.parquet"), table_bytes(rows, MANIFEST_SCHEMA), durable=False)
         self.written.inc()
         yield {
             "name": name,
