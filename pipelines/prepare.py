@@ -153,7 +153,7 @@ def pipeline_options(beam_args: list[str], workers: int | None) -> PipelineOptio
 
 
 def build(p: beam.Pipeline, plan: Plan, out: str, cfg: PrepareConfig, store: str, reuse: bool, progress: str | None,
-          run: str = "") -> None:
+          run: str = "", overlap: bool = True) -> None:
     """A straight line: per-range processing (parallel) → one global plan over light
     records (index files) → per-shard writing (parallel) → final tables. Nothing per row
     crosses a shuffle, combiner or side input; payloads wait in the staging store."""
@@ -161,7 +161,7 @@ def build(p: beam.Pipeline, plan: Plan, out: str, cfg: PrepareConfig, store: str
     _ = (
         p
         | "Ranges" >> beam.Create(plan.ranges)
-        | "Process" >> beam.ParDo(steps.ProcessRangeFn(cfg, store, reuse, work, progress, plan.rows, run))
+        | "Process" >> beam.ParDo(steps.ProcessRangeFn(cfg, store, reuse, work, progress, plan.rows, run, overlap))
         | "IndexParts" >> steps.Gather()
         | "Plan" >> beam.ParDo(PlanFn(out, work, cfg))
         | "SpreadShards" >> beam.Reshuffle()
@@ -239,7 +239,9 @@ def run(argv: list[str] | None = None) -> int:
     try:
         # quiet by default: Beam's worker processes log their start and stop at INFO on our stderr
         with only_our_lines(args.verbose == 0) as log, Reporter(progress, plan.rows), beam.Pipeline(options=options) as p:
-            build(p, plan, out, cfg, store, not args.no_cache, progress, run_id)
+            # Beam 2.77's DaskRunner drops what a DoFn emits from finish_bundle (it collects a
+            # partition's output before calling it): ranges are finished one by one there
+            build(p, plan, out, cfg, store, not args.no_cache, progress, run_id, overlap=not str(runner).endswith("DaskRunner"))
     except Exception as err:  # noqa: BLE001 - a worker's failure (disk full, output gone): one line, not Beam's traceback
         raise RunError(root_cause(err) + (f"; Beam's full log: {log}" if log else "")) from err
     finally:

@@ -74,6 +74,19 @@ class Kept(NamedTuple):
     vphash: int | None = None  # the perceptual hash of a video's sampled frames
 
 
+class _OpenRange:
+    """A range being read or processed: its rows' results so far and its new staged entries."""
+
+    def __init__(self, part: str, key: str | None) -> None:
+        self.part, self.key = part, key
+        self.results: list = []  # per row, in input order: Kept or Reject (None while in the child)
+        self.staged: list[tuple[str, bytes]] = []
+        self.memo: list[tuple[str, str]] = []
+        self.files: list[tuple[str, str | None]] | None = []
+        self.pending = 0  # batches still in the child
+        self.read = False  # every row read and sent
+
+
 class ProcessRangeFn(beam.DoFn):
     """Read one input range; for each row, load its media (FileSystems), then reuse its
     staged entry or decode/clean/normalize/featurize/label it and stage the result.
@@ -82,10 +95,13 @@ class ProcessRangeFn(beam.DoFn):
     `work`; the element emitted is the part's path and row count."""
 
     def __init__(self, cfg: PrepareConfig, store: str, reuse: bool, work: str, progress: str | None = None, total: int = 0,
-                 run: str = "") -> None:
+                 run: str = "", overlap: bool = True) -> None:
         from pipelines.progress import driver_token
 
         self.cfg, self.store_root, self.reuse, self.work, self.run = cfg, store, reuse, work, run
+        # a range's last batches overlap the next range (the range is then emitted later, maybe
+        # from finish_bundle); off for runners that drop finish_bundle's output (Beam 2.77's DaskRunner)
+        self.overlap = overlap
         self.driver = driver_token()  # built in the driver: workers stop when it dies
         self.progress_dir, self.total = progress, total
         self.rows = Metrics.counter("read", "rows")
@@ -105,6 +121,8 @@ class ProcessRangeFn(beam.DoFn):
         self.memo: list[tuple[str, str]] = []
         self.sandbox = Sandbox(self.cfg) if self.cfg.row_timeout > 0 else None
         self.pool = None  # the one thread that streams batches to the child (see submit)
+        self.running: deque = deque()  # (range, submitted batch), oldest first, across ranges
+        self.open: deque[_OpenRange] = deque()  # ranges read whose rows are not all back yet, in order
         if self.sandbox is not None:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -115,8 +133,7 @@ class ProcessRangeFn(beam.DoFn):
             self.pool.submit(self.sandbox.start)
 
     def process(self, rng: Range):
-        from pipelines.files import join, put, table_bytes
-        from pipelines.plan import INDEX_SCHEMA, index_row
+        from pipelines.files import join, put
 
         part = join(self.work, "index", f"{rng.order:012d}.parquet")
         key = range_key(rng, self.context, self.cfg.text.max_tokens) if self.reuse and self.store.local else None
@@ -130,42 +147,61 @@ class ProcessRangeFn(beam.DoFn):
             self.progress.add(counts["read.rows"])
             yield {"part": part, "rows": counts["read.rows"]}
             return
-        results: list = []
-        staged: list[tuple[str, bytes]] = []
+        state = _OpenRange(part, key)
         todo: list[tuple[int, RawRow, dict, str]] = []  # rows to process: (position, row, media, entry name)
         todo_bytes, batch = 0, FIRST_BATCH
-        # batches submitted to the child, oldest first: one in the child and one queued behind it
-        # while this thread reads and looks up the next, so the child never waits for this
-        # thread to record a finished batch
-        running: deque = deque()
-        self.memo = []  # (stat key, content sha256) of media files read in this range
-        self.files: list[tuple[str, str | None]] | None = []  # (path, stat key) of the range's media files
+        self.memo = state.memo  # (stat key, content sha256) of media files read in this range
+        self.files = state.files  # (path, stat key) of the range's media files (None: not reusable whole)
         for row in read_range(rng, self.cfg.max_file_bytes):
             self.rows.inc()
             result = row if isinstance(row, Reject) else self.look_up(row)
             if not isinstance(result, Kept | Reject):  # not cached: processed in batches (bounded in rows and bytes)
-                todo.append((len(results), *result))
+                todo.append((len(state.results), *result))
                 todo_bytes += sum(len(v) for v in result[1].values() if isinstance(v, bytes | str))
-                results.append(None)
+                state.results.append(None)
                 if len(todo) >= batch or todo_bytes >= BATCH_BYTES:
-                    running.append(self.submit(todo))
+                    self.send(state, todo)
                     todo, todo_bytes, batch = [], 0, min(2 * batch, BATCH_ROWS)
-                    if len(running) > 1:
-                        self.collect(running.popleft(), results, staged)
+                    yield from self.drain(1)
             else:
                 self.done(result)
-                results.append(result)
+                state.results.append(result)
         if todo:
-            running.append(self.submit(todo))
-        while running:
-            self.collect(running.popleft(), results, staged)
-        locations = self.store.write_pack(staged, self.memo)  # the new entries of this range: one file
+            self.send(state, todo)
+        state.files, state.read = self.files, True
+        self.open.append(state)
+        # the range's last batches are still in the child: it is finished (its pack and index
+        # part written, its element emitted) once they are back, while the child already works
+        # on the next range's rows (waiting here left the child idle at every range's end)
+        yield from self.drain(1 if self.overlap else 0)
+
+    def send(self, state: _OpenRange, todo: list[tuple[int, RawRow, dict, str]]) -> None:
+        self.running.append((state, self.submit(todo)))
+        state.pending += 1
+
+    def drain(self, keep: int):
+        """Record submitted batches, oldest first, until `keep` are left in flight (one in the
+        child and, once this thread sends the next, one queued behind it: the child never waits
+        for this thread to record a finished batch); then finish the ranges that are complete."""
+        while len(self.running) > keep:
+            state, running = self.running.popleft()
+            self.collect(running, state.results, state.staged)
+            state.pending -= 1
+        while self.open and self.open[0].read and not self.open[0].pending:
+            yield self.finish_range(self.open.popleft())
+
+    def finish_range(self, state: _OpenRange) -> dict:
+        from pipelines.files import put, table_bytes
+        from pipelines.plan import INDEX_SCHEMA, index_row
+
+        results = state.results
+        locations = self.store.write_pack(state.staged, state.memo)  # the new entries of this range: one file
         rows = [index_row(r if isinstance(r, Reject) or ":" in r.entry else r._replace(entry=locations[r.entry])) for r in results]
         data = table_bytes(rows, INDEX_SCHEMA)
-        put(part, data, durable=False)
-        if key and self.files is not None and not any(isinstance(r, Reject) and r.reason in UNCACHED for r in results):
-            self.store.put_range(key, data, range_counts(results), self.files, [r["entry"] for r in rows if r.get("entry")])
-        yield {"part": part, "rows": len(rows)}
+        put(state.part, data, durable=False)
+        if state.key and state.files is not None and not any(isinstance(r, Reject) and r.reason in UNCACHED for r in results):
+            self.store.put_range(state.key, data, range_counts(results), state.files, [r["entry"] for r in rows if r.get("entry")])
+        return {"part": state.part, "rows": len(rows)}
 
     def done(self, result: Kept | Reject) -> None:
         self.progress.add()
@@ -174,7 +210,12 @@ class ProcessRangeFn(beam.DoFn):
         else:
             self.kept.inc()
 
-    def finish_bundle(self) -> None:
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        for out in self.drain(0):  # the bundle's ranges still open
+            yield WindowedValue(out, GlobalWindow().max_timestamp(), (GlobalWindow(),))
         self.progress.flush()
 
     def teardown(self) -> None:

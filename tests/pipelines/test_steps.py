@@ -22,3 +22,39 @@ def test_an_unexpected_error_becomes_a_processing_error_reject(monkeypatch, tmp_
     assert isinstance(out, Reject)  # Separate routes it to the rejects by type
     assert (out.reason, out.stage, out.detail) == ("processing_error", "process", "MemoryError: decoder blew up")
     assert staged == []  # an unexpected error is never cached: the next run tries again
+
+
+def _ranges_of(tmp_path, rows: int):
+    import json
+
+    from pipelines.read import plan_input
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"r{i}", "text": f"row number {i} says hello", "label": "a"}) + "\n" for i in range(rows)))
+    return plan_input("manifest", str(manifest)).ranges
+
+
+def test_every_range_is_emitted_once_whether_it_ends_in_process_or_in_finish_bundle(tmp_path):
+    """A range's last batches overlap the next range: its element then comes from a later
+    process() call or from finish_bundle (as a WindowedValue). Without overlap (the DaskRunner
+    drops finish_bundle's output) each range comes from its own process() call."""
+    from apache_beam.utils.windowed_value import WindowedValue
+
+    ranges = _ranges_of(tmp_path, 640)
+    assert len(ranges) > 2
+    for overlap in (True, False):
+        fn = steps.ProcessRangeFn(PrepareConfig(), str(tmp_path / "cache"), reuse=False, work=str(tmp_path / f"work-{overlap}"),
+                                  overlap=overlap)
+        fn.setup()
+        per_call = [list(fn.process(r)) for r in ranges]
+        late = list(fn.finish_bundle())
+        fn.teardown()
+        assert all(isinstance(w, WindowedValue) for w in late)
+        emitted = [o for outs in per_call for o in outs] + [w.value for w in late]
+        assert sorted(o["part"] for o in emitted) == sorted(
+            str(tmp_path / f"work-{overlap}" / "index" / f"{r.order:012d}.parquet") for r in ranges)
+        assert sum(o["rows"] for o in emitted) == 640
+        if overlap:
+            assert late and not per_call[0]  # the first range ends after process() returned
+        else:
+            assert not late and all(len(outs) == 1 for outs in per_call)
