@@ -210,6 +210,11 @@ class ProcessRangeFn(beam.DoFn):
         else:
             self.kept.inc()
 
+    def start_bundle(self) -> None:
+        # nothing of a bundle that failed half-way (its ranges are processed again by its retry)
+        self.running.clear()
+        self.open.clear()
+
     def finish_bundle(self):
         from apache_beam.transforms.window import GlobalWindow
         from apache_beam.utils.windowed_value import WindowedValue
