@@ -81,8 +81,8 @@ class _OpenRange:
         self.part, self.key = part, key
         self.results: list = []  # per row, in input order: Kept or Reject (None while in the child)
         self.staged: list[tuple[str, bytes]] = []
-        self.memo: list[tuple[str, str]] = []
-        self.files: list[tuple[str, str | None]] | None = []
+        self.memo: list[tuple[str, str]] = []  # (stat key, content sha256) of the media files read
+        self.files: list[tuple[str, str | None]] | None = []  # (path, stat key) of its media files; None: not reusable whole
         self.pending = 0  # batches still in the child
         self.read = False  # every row read and sent
 
@@ -109,7 +109,6 @@ class ProcessRangeFn(beam.DoFn):
         self.reused = Metrics.counter("process", "reused")
         self.fresh = Metrics.counter("process", "processed")
         self.ranges_reused = Metrics.counter("process", "ranges_reused")
-        self.files = None
 
     def setup(self) -> None:
         from mmprep.staged import context_digest
@@ -118,7 +117,7 @@ class ProcessRangeFn(beam.DoFn):
         self.context = context_digest(self.cfg)
         self.store = Store(self.store_root, self.context, self.run)
         self.progress = WorkerCount(self.progress_dir, self.total, self.driver)
-        self.memo: list[tuple[str, str]] = []
+        self.reading = _OpenRange("", None)  # the range whose rows look_up sees (its media files, hashes)
         self.sandbox = Sandbox(self.cfg) if self.cfg.row_timeout > 0 else None
         self.pool = None  # the one thread that streams batches to the child (see submit)
         self.running: deque = deque()  # (range, submitted batch), oldest first, across ranges
@@ -147,11 +146,9 @@ class ProcessRangeFn(beam.DoFn):
             self.progress.add(counts["read.rows"])
             yield {"part": part, "rows": counts["read.rows"]}
             return
-        state = _OpenRange(part, key)
+        state = self.reading = _OpenRange(part, key)
         todo: list[tuple[int, RawRow, dict, str]] = []  # rows to process: (position, row, media, entry name)
         todo_bytes, batch = 0, FIRST_BATCH
-        self.memo = state.memo  # (stat key, content sha256) of media files read in this range
-        self.files = state.files  # (path, stat key) of the range's media files (None: not reusable whole)
         for row in read_range(rng, self.cfg.max_file_bytes):
             self.rows.inc()
             result = row if isinstance(row, Reject) else self.look_up(row)
@@ -168,7 +165,7 @@ class ProcessRangeFn(beam.DoFn):
                 state.results.append(result)
         if todo:
             self.send(state, todo)
-        state.files, state.read = self.files, True
+        state.read = True
         self.open.append(state)
         # the range's last batches are still in the child: it is finished (its pack and index
         # part written, its element emitted) once they are back, while the child already works
@@ -184,8 +181,8 @@ class ProcessRangeFn(beam.DoFn):
         child and, once this thread sends the next, one queued behind it: the child never waits
         for this thread to record a finished batch); then finish the ranges that are complete."""
         while len(self.running) > keep:
-            state, running = self.running.popleft()
-            self.collect(running, state.results, state.staged)
+            state, batch = self.running.popleft()
+            self.collect(batch, state.results, state.staged)
             state.pending -= 1
         while self.open and self.open[0].read and not self.open[0].pending:
             yield self.finish_range(self.open.popleft())
@@ -239,11 +236,12 @@ class ProcessRangeFn(beam.DoFn):
         # they are hashed once loaded, like URIs
         paths = {m: p for m, p in row.media_paths() if p is not None and m not in row.media}
         stats = {m: stat_key(p) for m, p in paths.items()}
-        if self.files is not None:  # a range can be reused whole only if all its media are local files (or missing ones)
+        reading = self.reading
+        if reading.files is not None:  # a range can be reused whole only if all its media are local files (or missing ones)
             if row.media or any("://" in p for p in paths.values()):
-                self.files = None
+                reading.files = None
             else:
-                self.files.extend((paths[m], k) for m, k in stats.items())
+                reading.files.extend((paths[m], k) for m, k in stats.items())
         if self.reuse and paths and not row.media and all(stats.values()):
             # unchanged files (same path, size, mtime, ctime, inode) have their content hash
             # remembered: a cached row is then reused without reading its media at all
@@ -260,7 +258,7 @@ class ProcessRangeFn(beam.DoFn):
             for m, v in loaded.items()
             if not isinstance(v, str)
         }
-        self.memo.extend((k, media[m]) for m, k in stats.items() if k and isinstance(loaded.get(m), bytes))
+        reading.memo.extend((k, media[m]) for m, k in stats.items() if k and isinstance(loaded.get(m), bytes))
         name = staged.entry_name(self.context, row, media)
         found = self.reuse_entry(row, name) if self.reuse else None
         return found if found is not None else (row, loaded, name)
