@@ -13,7 +13,7 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -166,16 +166,19 @@ def assign_shards(items: Iterable[tuple[str, str, int]], cfg) -> dict[str, int]:
     return {key: i for (_, key, _), i in zip(ordered, index, strict=True)}
 
 
-def shard_indices(splits: list[str], sizes: list[int], cfg) -> list[int]:
-    """The shard index of each sample, samples given in key order (see assign_shards)."""
-    state: dict[str, list[int]] = {}  # split -> [index, count, bytes used]
-    out = []
-    for split, size in zip(splits, sizes, strict=True):
-        st = state.setdefault(split, [0, 0, 1024])  # a tar ends with two 512-byte zero blocks
-        if st[1] and (st[1] + 1 > cfg.max_samples or st[2] + size > cfg.max_bytes):
-            st[0], st[1], st[2] = st[0] + 1, 0, 1024
-        out.append(st[0])
-        st[1], st[2] = st[1] + 1, st[2] + size
+def shard_indices(splits: Sequence, sizes: Sequence[int], cfg) -> list[int]:
+    """The shard index of each sample, samples given in key order (see assign_shards); lists
+    or numpy arrays (read a chunk at a time)."""
+    state: dict = {}  # split -> [index, count, bytes used]
+    out: list[int] = []
+    for start in range(0, len(sizes), 65536):
+        chunk = zip(np.asarray(splits[start : start + 65536]).tolist(), np.asarray(sizes[start : start + 65536]).tolist(), strict=True)
+        for split, size in chunk:
+            st = state.setdefault(split, [0, 0, 1024])  # a tar ends with two 512-byte zero blocks
+            if st[1] and (st[1] + 1 > cfg.max_samples or st[2] + size > cfg.max_bytes):
+                st[0], st[1], st[2] = st[0] + 1, 0, 1024
+            out.append(st[0])
+            st[1], st[2] = st[1] + 1, st[2] + size
     return out
 
 

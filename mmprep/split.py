@@ -9,8 +9,9 @@ together (a stock caption) is ignored and reported instead.
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,57 +45,76 @@ class SplitResult:
 
 class _UnionFind:
     """Union-find whose components never grow past `cap` samples: a link that would glue
-    more together is refused (and reported by the caller)."""
+    more together is refused (and reported by the caller). Arrays of 8 bytes per sample; a
+    component's root is its smallest member."""
 
     def __init__(self, n: int, cap: int) -> None:
-        self.parent = list(range(n))
-        self.size = [1] * n
+        self.parent = array("q", range(n))
+        self.size = array("q", bytes(8 * n))  # 0 stands for 1: one sample (a zeroed array is cheap)
         self.cap = cap
 
     def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
+        parent = self.parent
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
         return i
 
     def union(self, a: int, b: int) -> bool:
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return True
-        if self.size[ra] + self.size[rb] > self.cap:
+        if self.size[ra] + self.size[rb] + 2 > self.cap:
             return False
         lo, hi = min(ra, rb), max(ra, rb)
         self.parent[hi] = lo
-        self.size[lo] += self.size[hi]
+        self.size[lo] += self.size[hi] + 1
         return True
+
+    def roots(self) -> np.ndarray:
+        """Every sample's root, by pointer jumping over the whole array at once."""
+        roots = np.frombuffer(self.parent, dtype=np.int64).copy() if len(self.parent) else np.zeros(0, np.int64)
+        while True:
+            up = roots[roots]
+            if np.array_equal(up, roots):
+                return roots
+            roots = up
 
 
 def _cap(n: int, cfg: PrepareConfig) -> int:
     return max(2, int(cfg.max_link_share * n))
 
 
-def _link_exact(links: dict[str, list[str | int | None]], cfg: PrepareConfig, uf: _UnionFind, ignored: list[dict]) -> None:
+# a column of link values: (values, valid mask, names) — values sort like the hashes they stand
+# for; names[v] is how an ignored link is reported (None: the values are 64-bit hashes)
+LinkColumn = tuple[np.ndarray, np.ndarray, "list[str] | None"]
+
+
+def _link_exact(links: dict[str, LinkColumn], cfg: PrepareConfig, uf: _UnionFind, ignored: list[dict]) -> None:
     """Samples sharing a content hash are linked, hashes visited in (modality, hash) order.
-    Columnar (index lists sorted by hash), not a dict of lists: a few bytes per sample."""
+    Columnar (positions sorted by hash): a few bytes per sample."""
     for modality in sorted(set(cfg.link_modalities) & set(links)):
-        values = links[modality]
-        order = sorted((i for i, v in enumerate(values) if v is not None), key=values.__getitem__)
-        start = 0
-        while start < len(order):
-            digest = values[order[start]]
-            end = start + 1
-            while end < len(order) and values[order[end]] == digest:
-                end += 1
-            if end - start > 1:
-                idx = sorted(order[start:end])
-                if len(idx) > uf.cap:
-                    ignored.append({"modality": modality, "hash": _hex(digest), "samples": len(idx), "why": "shared too widely"})
-                elif sum(not uf.union(idx[0], j) for j in idx[1:]):
-                    ignored.append({"modality": modality, "hash": _hex(digest), "samples": len(idx), "why": "would glue a too-large group"})
-            start = end
+        values, valid, names = links[modality]
+        index = np.flatnonzero(valid)
+        order = index[np.argsort(values[index], kind="stable")]
+        ordered = values[order]
+        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if len(order) else order
+        lengths = np.diff(np.r_[starts, len(order)])
+        for start in np.flatnonzero(lengths > 1).tolist():
+            s = int(starts[start])
+            idx = np.sort(order[s : s + int(lengths[start])]).tolist()
+            digest = ordered[s].item()
+            name = names[digest][:16] if names is not None else f"{digest:016x}"
+            if len(idx) > uf.cap:
+                ignored.append({"modality": modality, "hash": name, "samples": len(idx), "why": "shared too widely"})
+            elif sum(not uf.union(idx[0], j) for j in idx[1:]):
+                ignored.append({"modality": modality, "hash": name, "samples": len(idx), "why": "would glue a too-large group"})
 
 
-def _link_phash(phashes: Sequence[int | None], cfg: PrepareConfig, uf: _UnionFind, ignored: list[dict], modality: str) -> None:
+_PACKED_BITS = 63  # a near pair (7 bits of distance, two sample numbers) packs into a non-negative int64
+
+
+def _link_phash(column: tuple[np.ndarray, np.ndarray], cfg: PrepareConfig, uf: _UnionFind, ignored: list[dict], modality: str) -> None:
     """Multi-index hashing: with d+1 bands, two hashes within d bits agree on some band;
     the hashes sharing a band value (a bucket) are compared pairwise with numpy popcounts,
     all buckets of a band at once: step k compares each hash with the k-th next one in its
@@ -102,11 +122,22 @@ def _link_phash(phashes: Sequence[int | None], cfg: PrepareConfig, uf: _UnionFin
     if modality not in cfg.link_modalities:
         return
     d = cfg.phash_distance
-    index = np.array([i for i, ph in enumerate(phashes) if ph is not None], dtype=np.int64)
-    hashes = np.array([phashes[i] for i in index], dtype=np.uint64)
+    values, valid = column
+    index = np.flatnonzero(valid).astype(np.int64)
+    hashes = np.asarray(values, dtype=np.uint64)[index]
     bands = d + 1
     width = 64 // bands
-    found = [np.empty((0, 3), dtype=np.int64)]  # (distance, sample, sample) with sample < sample
+    # (distance, sample, sample) with sample < sample, packed in one int64 (sorted like the
+    # triple) where the sample numbers fit: a corpus's near pairs are ~2 per image here
+    span = max(1, len(uf.parent).bit_length())
+    packed = 2 * span + 7 <= _PACKED_BITS
+
+    def pack(dist: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        if packed:
+            return (dist << (2 * span)) | (a << span) | b
+        return np.stack([dist, a, b], axis=1)
+
+    found = [np.empty((0,) if packed else (0, 3), dtype=np.int64)]
     for band in range(bands):
         shift = band * width
         bits = 64 - shift if band == bands - 1 else width
@@ -126,13 +157,19 @@ def _link_phash(phashes: Sequence[int | None], cfg: PrepareConfig, uf: _UnionFin
             dist = np.bitwise_count(hashes[a] ^ hashes[b]).astype(np.int64)
             near = dist <= d
             if near.any():
-                found.append(np.stack([dist[near], index[a[near]], index[b[near]]], axis=1))
+                found.append(pack(dist[near], index[a[near]], index[b[near]]))
             k += 1
             active = active[later[active] >= k]
-    pairs = np.unique(np.concatenate(found), axis=0)  # sorted: closest pairs first
-    refused = [(dist, i, j) for dist, i, j in pairs.tolist() if not uf.union(i, j)]
+    pairs = np.unique(np.concatenate(found), axis=None if packed else 0)  # sorted: closest pairs first
+    del found
+    refused = 0
+    mask = (1 << span) - 1
+    for start in range(0, len(pairs), 4096):  # a few pairs as Python ints at a time
+        chunk = pairs[start : start + 4096]
+        firsts, seconds = ((chunk >> span) & mask, chunk & mask) if packed else (chunk[:, 1], chunk[:, 2])
+        refused += sum(not uf.union(i, j) for i, j in zip(firsts.tolist(), seconds.tolist(), strict=True))
     if refused:
-        ignored.append({"modality": f"{modality}_phash", "hash": "", "samples": len(refused), "why": "neighbour links refused: they would glue a too-large group"})
+        ignored.append({"modality": f"{modality}_phash", "hash": "", "samples": refused, "why": "neighbour links refused: they would glue a too-large group"})
 
 
 def _salted(salt: str, text: str) -> int:
@@ -140,45 +177,91 @@ def _salted(salt: str, text: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{salt}|{text}".encode()).digest()[:8], "big")
 
 
-def _hex(digest: str | int) -> str:
-    return digest[:16] if isinstance(digest, str) else f"{digest:016x}"
-
-
 def _targets(cfg: PrepareConfig) -> dict[str, float]:
     return {s: cfg.splits.get(s, 0.0) for s in SPLIT_ORDER if cfg.splits.get(s, 0.0) > 0}
 
 
-def _assign_groups(groups: list[tuple[str, tuple[tuple[str, int], ...]]], cfg: PrepareConfig) -> list[str]:
-    """Greedy stratified group assignment (as in stratified group k-fold); groups are
-    (name, ((label, count), …)) and the result is the split of each, in input order.
+def _assign_groups(key_of: Callable[[int], str], groups: _Groups, labels: np.ndarray, n_labels: int, cfg: PrepareConfig) -> np.ndarray:
+    """Greedy stratified group assignment (as in stratified group k-fold): the split of each
+    group (an index into `_targets`), groups named by their root's key, samples' labels as
+    codes whose order is the labels' order.
 
     Groups are visited largest first, ties in salted-hash order (the "random" part);
     each goes to the split with the largest remaining deficit for the labels it holds,
     so every label's proportions and the overall sizes track the targets closely."""
     targets = _targets(cfg)
-    totals: Counter = Counter()
-    for _, labels in groups:
-        for label, c in labels:
-            totals[label] += c
-    n = sum(totals.values())
-    have = {s: Counter() for s in targets}
-    size = dict.fromkeys(targets, 0)
-    visit = sorted(range(len(groups)), key=lambda g: (-sum(c for _, c in groups[g][1]), _salted(cfg.split_salt, groups[g][0])))
-    out = [""] * len(groups)
+    names = list(targets)
+    totals = np.bincount(labels, minlength=n_labels).tolist()
+    n = len(labels)
+    have = {s: [0] * n_labels for s in names}
+    size = dict.fromkeys(names, 0)
+    salted = np.fromiter((_salted(cfg.split_salt, key_of(r)) for r in groups.roots.tolist()), dtype=np.uint64, count=len(groups.roots))
+    visit = np.lexsort((salted, -groups.sizes))
+    del salted
+    out = np.zeros(len(groups.roots), dtype=np.int8)
     for g in visit:
-        labels = groups[g][1]
-        count = sum(c for _, c in labels)
+        count, first = int(groups.sizes[g]), int(groups.starts[g])
+        if count == 1:
+            held = ((int(labels[groups.members[first]]), 1),)
+        else:
+            held = tuple(sorted(Counter(labels[groups.members[first : first + count]].tolist()).items()))
 
-        def deficit(split: str, labels=labels, count: int = count) -> float:
-            per_label = sum(c * (targets[split] * totals[lab] - have[split][lab]) / totals[lab] for lab, c in labels)
+        def deficit(split: str, held=held, count: int = count) -> float:
+            per_label = sum(c * (targets[split] * totals[lab] - have[split][lab]) / totals[lab] for lab, c in held)
             return per_label + count * (targets[split] * n - size[split]) / n
 
-        best = max(targets, key=lambda s: (round(deficit(s), 9), -SPLIT_ORDER.index(s)))
-        out[g] = best
-        for label, c in labels:
-            have[best][label] += c
+        best = max(names, key=lambda s: (round(deficit(s), 9), -SPLIT_ORDER.index(s)))
+        out[g] = names.index(best)
+        for lab, c in held:
+            have[best][lab] += c
         size[best] += count
     return out
+
+
+@dataclass
+class _Groups:
+    """The groups in root order: members[starts[g] : starts[g] + sizes[g]] are group g's samples."""
+
+    roots: np.ndarray
+    starts: np.ndarray
+    sizes: np.ndarray
+    members: np.ndarray
+
+
+@dataclass
+class Split:
+    """The split of every sample as arrays aligned with the (sorted) keys: a few numpy arrays of
+    8 bytes or less per sample, not a Python object per sample (README "Prepare at scale")."""
+
+    codes: np.ndarray  # int8: sample i is in split names[codes[i]]
+    names: tuple[str, ...]  # the splits with a share > 0, in SPLIT_ORDER
+    roots: np.ndarray  # int64: sample i's group is named by the key of sample roots[i] (its smallest)
+    groups: int
+    ignored_links: list[dict] = field(default_factory=list)
+
+
+def split_arrays(key_of: Callable[[int], str], labels: np.ndarray, n_labels: int, links: dict[str, LinkColumn],
+                 phashes: dict[str, tuple[np.ndarray, np.ndarray]], cfg: PrepareConfig) -> Split:
+    """The split of every sample, from columns aligned with the sorted, unique keys (`key_of(i)`
+    is key i): labels as codes in label order (unlabeled: the code of ""), content links per
+    modality, perceptual hashes (uint64 values, valid mask) per modality."""
+    n = len(labels)
+    uf = _UnionFind(n, _cap(n, cfg))
+    ignored: list[dict] = []
+    _link_exact(links, cfg, uf, ignored)
+    for modality, column in sorted(phashes.items()):
+        _link_phash(column, cfg, uf, ignored, modality)
+    roots = uf.roots()
+    del uf
+    members = np.argsort(roots, kind="stable")
+    ordered = roots[members]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if n else np.zeros(0, dtype=np.int64)
+    groups = _Groups(roots=ordered[starts], starts=starts, sizes=np.diff(np.r_[starts, n]).astype(np.int64), members=members)
+    del ordered
+    split_of_group = _assign_groups(key_of, groups, labels, n_labels, cfg)
+    group = np.empty(n, dtype=np.int64)
+    group[members] = np.repeat(np.arange(len(starts), dtype=np.int64), groups.sizes)
+    return Split(codes=split_of_group[group], names=tuple(_targets(cfg)), roots=roots, groups=len(starts), ignored_links=ignored)
 
 
 def assign_splits(items: Sequence[LinkInfo], cfg: PrepareConfig) -> SplitResult:
@@ -195,27 +278,16 @@ def split_columns(
     phashes: dict[str, list[int | None]],  # modality (image, video) → perceptual hashes
     cfg: PrepareConfig,
 ) -> SplitResult:
-    """The split of every sample, from columns aligned with `keys` (sorted, unique)."""
-    n = len(keys)
-    uf = _UnionFind(n, _cap(n, cfg))
-    ignored: list[dict] = []
-    _link_exact(links, cfg, uf, ignored)
-    for modality, column in sorted(phashes.items()):
-        _link_phash(column, cfg, uf, ignored, modality)
-    roots = [uf.find(i) for i in range(n)]
-    by_root = sorted(range(n), key=roots.__getitem__)
-    groups: list[tuple[str, tuple[tuple[str, int], ...]]] = []
-    group_of_root = [0] * n
-    start = 0
-    while start < n:  # a group is named by its smallest key (the root)
-        root, end = roots[by_root[start]], start + 1
-        while end < n and roots[by_root[end]] == root:
-            end += 1
-        counts = Counter(labels[i] or "" for i in by_root[start:end])
-        group_of_root[root] = len(groups)
-        groups.append((keys[root], tuple(sorted(counts.items()))))
-        start = end
-    del by_root
-    group_split = _assign_groups(groups, cfg)
-    return SplitResult(keys=keys, splits=[group_split[group_of_root[r]] for r in roots], groups=len(groups), ignored_links=ignored,
-                       group_of=[keys[r] for r in roots])
+    """`split_arrays` for Python lists aligned with `keys` (sorted, unique)."""
+    label_names = sorted({x or "" for x in labels})
+    code = {name: i for i, name in enumerate(label_names)}
+    columns: dict[str, LinkColumn] = {}
+    for modality, values in links.items():
+        text = [v if v is None or isinstance(v, str) else f"{v:016x}" for v in values]
+        present = sorted({v for v in text if v is not None})  # values → their rank: the same order
+        rank = {v: i for i, v in enumerate(present)}
+        columns[modality] = (np.array([rank.get(v, -1) for v in text], dtype=np.int64), np.array([v is not None for v in text], dtype=bool), present)
+    hashes = {m: (np.array([v or 0 for v in col], dtype=np.uint64), np.array([v is not None for v in col], dtype=bool)) for m, col in phashes.items()}
+    split = split_arrays(keys.__getitem__, np.array([code[x or ""] for x in labels], dtype=np.int64), len(label_names), columns, hashes, cfg)
+    return SplitResult(keys=keys, splits=[split.names[c] for c in split.codes.tolist()], groups=split.groups,
+                       ignored_links=split.ignored_links, group_of=[keys[r] for r in split.roots.tolist()])

@@ -33,7 +33,7 @@ from mmprep.config import PrepareConfig
 from mmprep.labels import build_label_map
 from mmprep.records import REASONS, Reject, printable
 from mmprep.shards import shard_indices, shard_name
-from mmprep.split import split_columns
+from mmprep.split import Split, split_arrays
 from pipelines.files import arrow_bytes, join, put, read_table, table_bytes
 
 INDEX_SCHEMA = pa.schema(
@@ -84,10 +84,6 @@ _LINKS = (("image", "link_image"), ("audio", "link_audio"), ("text", "link_text"
 
 def _signed(phash: int | None) -> int | None:
     return None if phash is None else phash - (1 << 64) if phash >= 1 << 63 else phash
-
-
-def _unsigned(phash: int | None) -> int | None:
-    return None if phash is None else phash + (1 << 64) if phash < 0 else phash
 
 
 def index_row(record) -> dict[str, Any]:
@@ -157,12 +153,15 @@ class PlanFn(beam.DoFn):
         rejects = _reject_rows(table.filter(unparsed))
         parsed = table.filter(pc.invert(unparsed))
         del table, unparsed
+        release_memory()
         firsts, dup_ids = _duplicates(parsed, _first_per(parsed, "id"), "id", "duplicate_id", "id already used by")
         del parsed
+        release_memory()
         failed = pc.is_valid(firsts["reason"])
         rejects += _reject_rows(firsts.filter(failed))
         kept = firsts.filter(pc.invert(failed)).drop_columns(["stage", "reason", "detail"])
         del firsts, failed
+        release_memory()
         kept, dups = _duplicates(kept, _first_per(kept, "signature"), "signature", "duplicate", "same content as")
         kept = kept.drop_columns(["signature"])
         rejects += dup_ids + dups
@@ -172,32 +171,38 @@ class PlanFn(beam.DoFn):
 
         labels = build_label_map([x for x in pc.unique(kept["label"]).to_pylist() if x is not None], cfg.label)
         kept = kept.sort_by("key")
-        keys = kept["key"].to_pylist()
+        release_memory()
+        keys = kept["key"].combine_chunks()
+        # columns, not a Python object per sample: this step's memory is what limits the corpus
+        # size on one machine (README "Prepare at scale")
         split = _split(kept, keys, cfg)
-        splits, group_of, split.splits, split.keys, split.group_of = split.splits, split.group_of, [], [], []
-        model = self._tokenizer(kept, keys, splits)
+        release_memory()
+        model = self._tokenizer(kept, keys, split)
         put(join(self.work, "tokenizer.model"), model, durable=False)
-        index = shard_indices(splits, kept["size"].to_pylist(), cfg.shard)
-        label_id = {label: i for i, label in enumerate(labels)}
-        names = [shard_name(s, i) for s, i in zip(splits, index, strict=True)]
-        del keys, splits, index
+        index = np.asarray(shard_indices(split.codes, kept["size"].to_numpy(), cfg.shard), dtype=np.int64)
+        # shards sorted by name: split name, then index (the index has a fixed width)
+        rank = np.argsort(np.argsort(np.array(split.names)))
         plan = (
             kept.select(["key", "id", "source", "order", "entry"])
-            .append_column("label_id", pa.array([label_id.get(x) for x in kept["label"].to_pylist()], pa.int32()))
-            .append_column("group", pa.array(group_of, pa.string()))
-            .append_column("shard", pa.array(names, pa.string()))
+            .append_column("label_id", pc.index_in(kept["label"], value_set=pa.array(labels, pa.string())).cast(pa.int32()))
+            .append_column("group", keys.take(pa.array(split.roots)))
+            .append_column("_split", pa.array(rank[split.codes].astype(np.int8)))
+            .append_column("_shard", pa.array(index))
         )
-        del names, kept, group_of
-        plan = plan.sort_by([("shard", "ascending"), ("key", "ascending")])
-        shard = plan["shard"].to_numpy(zero_copy_only=False)
-        starts = [0, *(np.flatnonzero(shard[1:] != shard[:-1]) + 1).tolist(), len(shard)] if len(shard) else []
+        del kept, keys, index
+        release_memory()
+        plan = plan.sort_by([("_split", "ascending"), ("_shard", "ascending"), ("key", "ascending")])
+        codes, shard = plan["_split"].to_numpy(), plan["_shard"].to_numpy()
+        names = [split.names[i] for i in np.argsort(rank)]  # by rank
+        starts = [0, *(np.flatnonzero((codes[1:] != codes[:-1]) | (shard[1:] != shard[:-1])) + 1).tolist(), len(shard)] if len(shard) else []
+        plan = plan.drop_columns(["_split", "_shard"])
         tasks = []
         for start, end in itertools.pairwise(starts):
-            name = str(shard[start])
-            rows = plan.slice(start, end - start).drop_columns(["shard"]).cast(PLAN_SCHEMA)  # key order
+            name = shard_name(names[codes[start]], int(shard[start]))
+            rows = plan.slice(start, end - start).cast(PLAN_SCHEMA)  # key order
             put(join(self.work, "plan", f"{name}.parquet"), arrow_bytes(rows), durable=False)
             tasks.append((name, name.split("-")[0]))
-        del shard, plan
+        del codes, shard, plan
         summary = {
             "input_rows": input_rows,
             "labels": labels,
@@ -211,27 +216,78 @@ class PlanFn(beam.DoFn):
         put(join(self.work, "plan.json"), json.dumps(summary, sort_keys=True).encode(), durable=False)
         yield from sorted(tasks)
 
-    def _tokenizer(self, kept: pa.Table, keys: list[str], splits: list[str]) -> bytes:
+    def _tokenizer(self, kept: pa.Table, keys: pa.Array, split: Split) -> bytes:
         """SentencePiece on a bounded, salted-hash-chosen sample of the train split's texts."""
         from mmprep.tokenizer import train_tokenizer
 
         salt, n = self.cfg.split_salt, self.cfg.text.tokenizer_sample
         texts = kept["text"].combine_chunks()
-        chosen = heapq.nsmallest(
-            n,
-            (
-                (int.from_bytes(hashlib.sha256(f"{salt}|{k}".encode()).digest()[:8], "big"), i)
-                for i, (k, s) in enumerate(zip(keys, splits, strict=True))
-                if s == "train" and texts[i].is_valid
-            ),
-        )
+        train = split.names.index("train") if "train" in split.names else -1
+        candidates = np.flatnonzero((split.codes == train) & texts.is_valid().to_numpy(zero_copy_only=False))
+
+        def scored():
+            for start in range(0, len(candidates), 4096):  # a few keys as Python strings at a time
+                chunk = candidates[start : start + 4096]
+                for i, k in zip(chunk.tolist(), keys.take(pa.array(chunk)).to_pylist(), strict=True):
+                    yield int.from_bytes(hashlib.sha256(f"{salt}|{k}".encode()).digest()[:8], "big"), i
+
+        chosen = heapq.nsmallest(n, scored())
         return train_tokenizer([texts[i].as_py() for _, i in chosen], self.cfg.text)
 
 
-def _split(kept: pa.Table, keys: list[str], cfg: PrepareConfig):
-    links = {m: [None if v is None else int(v, 16) for v in kept[column].to_pylist()] for m, column in _LINKS}
-    phashes = {m: [_unsigned(ph) for ph in kept[column].to_pylist()] for m, column in (("image", "phash"), ("video", "vphash"))}
-    return split_columns(keys, kept["label"].to_pylist(), links, phashes, cfg)
+_HEX = np.full(256, 255, dtype=np.uint8)
+_HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
+_HEX[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
+_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+
+
+def _hex64(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """A column of 16-digit hex hashes (or nulls) → (their uint64 values, valid mask), with no
+    Python object per row."""
+    arr = column.combine_chunks()
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    fixed = pc.fill_null(arr, "0" * 16).cast(pa.binary(16))  # an error if a hash is not 16 characters
+    digits = _HEX[np.frombuffer(fixed.buffers()[1], np.uint8, count=16 * len(fixed), offset=16 * fixed.offset).reshape(-1, 16)]
+    if (digits > 15).any():
+        raise ValueError("an index part holds a content link that is not a 16-digit hex hash")
+    values = np.zeros(len(arr), dtype=np.uint64)
+    for j in range(16):
+        values = (values << np.uint64(4)) | digits[:, j].astype(np.uint64)
+    return values, valid
+
+
+def _split(kept: pa.Table, keys: pa.Array, cfg: PrepareConfig) -> Split:
+    labels = pc.fill_null(kept["label"], "").combine_chunks()
+    names = sorted(pc.unique(labels).to_pylist())
+    codes = pc.index_in(labels, value_set=pa.array(names, pa.string())).to_numpy(zero_copy_only=False).astype(np.int64)
+    links = {m: (*_hex64(kept[column]), None) for m, column in _LINKS}
+    phashes = {}
+    for modality, column in (("image", "phash"), ("video", "vphash")):
+        arr = kept[column].combine_chunks()
+        phashes[modality] = (pc.fill_null(arr, 0).to_numpy().view(np.uint64), arr.is_valid().to_numpy(zero_copy_only=False))
+    return split_arrays(lambda i: keys[i].as_py(), codes, len(names), links, phashes, cfg)
+
+
+def release_memory() -> None:
+    """Return the heap's free pages to the system (glibc's malloc_trim). Each step of the plan
+    frees the Arrow buffers of the step before, but glibc keeps freed memory mapped, so every
+    step's transient peak added up to the process's resident size: 1.8 KB per row at 16k rows,
+    1.1 KB with this between the steps (benchmarks/prepare_bench.py)."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def _reject_rows(table: pa.Table) -> list[dict]:

@@ -82,6 +82,22 @@ def test_unlabeled_items_and_zero_ratio_splits():
     assert set(split.values()) == {"train", "test"}
 
 
+def test_near_pairs_packed_or_not_give_the_same_split(monkeypatch):
+    # clusters of near-identical perceptual hashes, some glued past the cap (refused links)
+    rng = random.Random(3)
+    items = []
+    for c in range(60):
+        base = rng.getrandbits(64)
+        items += [item(f"c{c:02d}-{i}", label=rng.choice("ab"), phash=base ^ (1 << rng.randrange(64))) for i in range(rng.randrange(1, 9))]
+    cfg = PrepareConfig(max_link_share=0.02)
+    packed = assign_splits(items, cfg)
+    monkeypatch.setattr("mmprep.split._PACKED_BITS", 0)  # as for a corpus too large to pack a pair in 63 bits
+    unpacked = assign_splits(items, cfg)
+    assert packed.split_of == unpacked.split_of and packed.group_of == unpacked.group_of
+    assert packed.ignored_links == unpacked.ignored_links and packed.ignored_links  # some links were refused
+    assert packed.groups < len(items) - 100  # near copies were grouped
+
+
 @pytest.mark.slow
 def test_split_scales_to_a_few_hundred_thousand_items():
     rng = random.Random(0)

@@ -58,3 +58,19 @@ def test_every_range_is_emitted_once_whether_it_ends_in_process_or_in_finish_bun
             assert late and not per_call[0]  # the first range ends after process() returned
         else:
             assert not late and all(len(outs) == 1 for outs in per_call)
+
+
+def test_index_links_parse_to_their_64_bit_values_without_python_objects():
+    import pyarrow as pa
+    import pytest
+
+    from pipelines.plan import _hex64
+
+    hashes = ["d6326f983b7ccf06", None, "FFFFFFFFFFFFFFFF", "0000000000000001"]
+    column = pa.chunked_array([pa.array(hashes[:2]), pa.array(hashes[2:])]).slice(1)  # chunked, with an offset
+    values, valid = _hex64(column)
+    assert valid.tolist() == [False, True, True]
+    assert values[1:].tolist() == [int(h, 16) for h in hashes[2:]]
+    for bad in ("d6326f983b7ccf0g", "abc"):  # a damaged index part is an error, never a wrong link
+        with pytest.raises((ValueError, pa.ArrowInvalid)):
+            _hex64(pa.chunked_array([pa.array([bad])]))
