@@ -126,10 +126,7 @@ class ProcessRangeFn(beam.DoFn):
             from concurrent.futures import ThreadPoolExecutor
 
             self.pool = ThreadPoolExecutor(1, thread_name_prefix="mmprep-child")
-            # started now, so it imports its libraries while the first rows are read, and from the
-            # thread that feeds it: the kernel's PR_SET_PDEATHSIG follows the thread that started a
-            # child, and a thread of Beam's pool may end before this worker does
-            self.pool.submit(self.sandbox.start)
+        self.child_started = False  # started at the first row that needs processing (see process)
 
     def process(self, rng: Range):
         from pipelines.files import join, put
@@ -153,6 +150,13 @@ class ProcessRangeFn(beam.DoFn):
             self.rows.inc()
             result = row if isinstance(row, Reject) else self.look_up(row)
             if not isinstance(result, Kept | Reject):  # not cached: processed in batches (bounded in rows and bytes)
+                if self.pool is not None and not self.child_started:
+                    # the child imports its libraries (~1 CPU-s) while this batch is read; not
+                    # in setup: a rerun whose rows are all cached never starts one. From the
+                    # thread that feeds it: the kernel's PR_SET_PDEATHSIG follows the thread
+                    # that started a child, and a thread of Beam's pool may end before this worker
+                    self.pool.submit(self.sandbox.start)
+                    self.child_started = True
                 todo.append((len(state.results), *result))
                 todo_bytes += sum(len(v) for v in result[1].values() if isinstance(v, bytes | str))
                 state.results.append(None)
