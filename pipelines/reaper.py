@@ -13,6 +13,7 @@ normally (the runner has stopped its workers by then).
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import subprocess
@@ -85,6 +86,35 @@ def watch(driver: int, started: str) -> None:
 
 
 MARK = "MMPREP_PREPARE_DRIVER"  # set in the driver's environment: every process it starts inherits it
+
+
+def exit_fast_when_done() -> None:
+    """In a local Beam worker process of a prepare run (it carries the driver's MARK and is not
+    the driver): once the process is ending normally, leave at once instead of finalizing the
+    interpreter (module teardown, gRPC's: ~0.35 s a worker here, and Beam's local runner stops
+    its workers one after the other, waiting for each to exit: 0.8 s of every 2-worker run).
+    Called from a DoFn's teardown, which Beam runs when it shuts the worker down; the exit
+    handler runs after Beam's harness has returned and its threads are joined. A process ending
+    on an unhandled exception exits as usual, with its status."""
+    mark = os.environ.get(MARK, "")
+    if _FAST_EXIT or not mark or mark.split(":")[0] == str(os.getpid()):
+        return
+    _FAST_EXIT.append(True)
+    atexit.register(_exit_now)
+
+
+_FAST_EXIT: list[bool] = []
+
+
+def _exit_now() -> None:
+    if getattr(sys, "last_value", None) is not None:
+        return  # an unhandled exception was printed: the usual exit, status 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)
 
 
 def start() -> subprocess.Popen | None:

@@ -230,6 +230,9 @@ class ProcessRangeFn(beam.DoFn):
             self.pool.shutdown(wait=True)
         if self.sandbox is not None:
             self.sandbox.close()
+        from pipelines.reaper import exit_fast_when_done
+
+        exit_fast_when_done()
 
     def look_up(self, row: RawRow) -> Kept | Reject | tuple[RawRow, dict, str]:
         """A row's cached light record (its `entry` a location), or what processing it needs:

@@ -100,6 +100,9 @@ class WriteShardFn(beam.DoFn):
     def teardown(self) -> None:
         self.store.close()
         self.publisher.close()
+        from pipelines.reaper import exit_fast_when_done
+
+        exit_fast_when_done()
 
     def process(self, task: tuple[str, str]):
         from mmprep.stats import F16_SCALE, MomentSum
