@@ -232,7 +232,8 @@ def fuzz_media(family: str, seconds: float, cfg: PrepareConfig, keep: Path, r: r
             if isinstance(reply, RecordError):
                 reason = reply.reason
             else:
-                found = staged.peek(reply, "f" * 32, "fuzz", row.source, 0, cfg.text.max_tokens)
+                entry = staged.complete(reply, "f" * 32, "fuzz", row.source, 0, cfg.text.max_tokens)  # as the worker does
+                found = staged.peek(entry, "f" * 32, "fuzz", row.source, 0, cfg.text.max_tokens)
                 reason = getattr(found, "reason", "ok")
             counts[reason] += 1
             if sandbox.proc is not None:

@@ -99,8 +99,9 @@ def summary(s: Sample, max_tokens: int) -> dict[str, Any]:
     return {"signature": s.content_signature[:32], "links": links, "size": member_bytes(members), "max_tokens": max_tokens}
 
 
-def encode(result: Sample | Reject, name: str, summ: dict[str, Any] | None = None) -> bytes:
-    """A processed row (kept Sample or Reject, with its `summary`) → the bytes of entry `name`."""
+def encode(result: Sample | Reject, name: str, summ: dict[str, Any] | None = None, with_stats: bool = True) -> bytes:
+    """A processed row (kept Sample or Reject, with its `summary`) → the bytes of entry `name`.
+    With `with_stats=False` and no summary: a partial entry, what the row child sends (`complete`)."""
     if isinstance(result, Reject):
         header: dict[str, Any] = {"kind": "reject", "name": name, "stage": result.stage, "reason": result.reason, "detail": result.detail}
         payloads: list[bytes] = []
@@ -114,7 +115,7 @@ def encode(result: Sample | Reject, name: str, summ: dict[str, Any] | None = Non
             "video": result.video,
         }
         meta = {k: v for k, v in result.meta.items() if k != "source"}
-        sums = sample_stats(result)
+        sums = sample_stats(result) if with_stats else {}
         parts["stats"] = b"".join(sums[m][2].astype("<i8").tobytes() for m in sorted(sums)) or None  # the header's (sorted) order
         stats = {m: [count, int(arr.shape[1]), scale] for m, (count, scale, arr) in sums.items()}
         header = {
@@ -134,6 +135,18 @@ def encode(result: Sample | Reject, name: str, summ: dict[str, Any] | None = Non
     head = json.dumps(header, sort_keys=True, ensure_ascii=True).encode("ascii")
     body = b"".join([MAGIC, struct.pack("<Q", len(head)), head, *payloads])
     return body + hashlib.sha256(body).digest()
+
+
+def complete(data: bytes, name: str, sample_id: str, source: str, order: int, max_tokens: int) -> bytes:
+    """A partial entry (`encode(..., with_stats=False)`, from the row child) → the entry `encode`
+    makes in one go: the normalization sums (which decode the stored JPEG again) and the
+    summary, made from the row's own processed output — bounded, already validated bytes.
+    The child does only what untrusted media need isolation for; with one worker its parent
+    waits on it, so this bookkeeping moved there. A reject is returned as it is."""
+    result = decode(data, sample_id, source, order)
+    if isinstance(result, Reject):
+        return data
+    return encode(result, name, summary(result, max_tokens))
 
 
 def _header(data: bytes) -> tuple[dict, int]:

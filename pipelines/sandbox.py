@@ -4,10 +4,11 @@ it may add, and a decoder that crashes (a segfault in a C library) costs that ro
 
 The worker keeps one child (`python -m pipelines.sandbox`) and sends it rows one at a time:
 the row and its media bytes go down a pipe (pickled: the worker is trusted), the processed
-row comes back as a staged entry (`mmprep.staged`, our own format: nothing the child sends
-is ever unpickled). A child that overruns is killed and replaced (~0.5 s) and the row is a
-`timeout` reject; one that dies is replaced and the row is a `processing_error` reject naming
-the signal. Neither is cached: the next run tries the row again.
+row comes back as a partial staged entry (`mmprep.staged`, our own format: nothing the child
+sends is ever unpickled; the worker adds its statistics and summary, `staged.complete`). A
+child that overruns is killed and replaced (~0.5 s) and the row is a `timeout` reject; one
+that dies is replaced and the row is a `processing_error` reject naming the signal. Neither
+is cached: the next run tries the row again.
 """
 
 from __future__ import annotations
@@ -75,8 +76,9 @@ def _read_exact(f, size: int) -> bytes | None:
 
 
 class Sandbox:
-    """A worker's child process for `process_row`; `run` returns a staged entry's bytes or
-    the RecordError that stopped the row (timeout, memory, crash)."""
+    """A worker's child process for `process_row`; `run` returns a partial staged entry's
+    bytes (`staged.complete` makes the entry) or the RecordError that stopped the row
+    (timeout, memory, crash)."""
 
     def __init__(self, cfg: PrepareConfig) -> None:
         self.cfg = cfg
@@ -177,7 +179,7 @@ def _limit_memory(extra_mb: int | None) -> None:
 def _serve() -> None:
     from mmprep import staged
     from mmprep.process import limit_threads, process_row
-    from mmprep.records import Reject, reject
+    from mmprep.records import reject
 
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # a library's print must not corrupt the frames
@@ -209,8 +211,7 @@ def _serve() -> None:
                 result = reject(row, RecordError("out_of_memory", f"needed more than prepare.row_memory_mb={cfg.row_memory_mb}"))
             else:
                 result = reject(row, RecordError("processing_error", text))
-        summ = None if isinstance(result, Reject) else staged.summary(result, cfg.text.max_tokens)
-        _write_frame(stdout, staged.encode(result, name, summ))
+        _write_frame(stdout, staged.encode(result, name, with_stats=False))  # completed by the worker (staged.complete)
 
 
 def _die_with_parent() -> None:

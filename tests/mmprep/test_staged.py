@@ -87,3 +87,20 @@ def test_a_video_sample_keeps_its_frames_hash_and_statistics_through_the_round_t
     assert sorted(back.stats) == ["video"] and back.stats["video"][0] == 8 * PrepareConfig().video.size ** 2
     light = staged.peek(data, "n", s.id, s.source, s.order, 32)
     assert light[-1] == s.vphash and ["video", s.hashes["video"][:16]] in summ["links"]
+
+
+def test_a_partial_entry_completed_by_the_worker_is_the_entry_made_in_one_go():
+    """The row child sends an entry without statistics and summary; the worker completes it
+    (`staged.complete`): the bytes must be those `encode` makes from the processed row at once
+    (the cache, the shards and the plan see no difference)."""
+    s = _sample()
+    partial = staged.encode(s, "n", with_stats=False)
+    assert len(partial) < len(staged.encode(s, "n", staged.summary(s, 32)))
+    for max_tokens in (32, 64):
+        done = staged.complete(partial, "n", s.id, s.source, s.order, max_tokens)
+        assert done == staged.encode(s, "n", staged.summary(s, max_tokens))
+    text_only = process_row(RawRow(source="m.jsonl:9", order=8, id="t", text="only words here"), {"text": "only words here"}, PrepareConfig())
+    assert staged.complete(staged.encode(text_only, "t", with_stats=False), "t", "t", "m.jsonl:9", 8, 32) == staged.encode(
+        text_only, "t", staged.summary(text_only, 32))
+    rej = Reject("x", "m.jsonl:1", 0, "image", "image_undecodable", "bad bytes")
+    assert staged.complete(staged.encode(rej, "r", with_stats=False), "r", "x", "m.jsonl:1", 0, 32) == staged.encode(rej, "r")

@@ -25,7 +25,8 @@ def png(h: int, w: int, channels: int = 3) -> bytes:
 
 
 def ok(sandbox: Sandbox) -> bool:
-    data = sandbox.run(ROW, {"image": png(64, 80)}, "n" * 32)
+    partial = sandbox.run(ROW, {"image": png(64, 80)}, "n" * 32)
+    data = staged.complete(partial, "n" * 32, "r", ROW.source, 0, sandbox.cfg.text.max_tokens)  # as the worker does
     found = staged.peek(data, "n" * 32, "r", ROW.source, 0, sandbox.cfg.text.max_tokens)
     return isinstance(found, tuple) and found[0].startswith("r-")
 
