@@ -17,6 +17,7 @@ global and per-shard steps.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import itertools
@@ -273,21 +274,22 @@ def release_memory() -> None:
     frees the Arrow buffers of the step before, but glibc keeps freed memory mapped, so every
     step's transient peak added up to the process's resident size: 1.8 KB per row at 16k rows,
     1.1 KB with this between the steps (benchmarks/prepare_bench.py)."""
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_LIBC = None
+@functools.cache
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    return trim
 
 
 def _reject_rows(table: pa.Table) -> list[dict]:

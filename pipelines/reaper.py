@@ -97,13 +97,9 @@ def exit_fast_when_done() -> None:
     handler runs after Beam's harness has returned and its threads are joined. A process ending
     on an unhandled exception exits as usual, with its status."""
     mark = os.environ.get(MARK, "")
-    if _FAST_EXIT or not mark or mark.split(":")[0] == str(os.getpid()):
-        return
-    _FAST_EXIT.append(True)
-    atexit.register(_exit_now)
-
-
-_FAST_EXIT: list[bool] = []
+    if mark and mark.split(":")[0] != str(os.getpid()):
+        atexit.unregister(_exit_now)  # once, however many DoFns call this
+        atexit.register(_exit_now)
 
 
 def _exit_now() -> None:
