@@ -285,12 +285,13 @@ def process_image(data: bytes, cfg: ImageConfig) -> ImageResult:
     return ImageResult(jpg=encode_jpeg(out, cfg.jpeg_quality), phash=phash(rgb), meta=meta)
 
 
-def decode_jpg(jpg: bytes) -> np.ndarray:
-    """Our normalized JPEG → RGB uint8 HxWx3 (for statistics and inference)."""
+def decode_jpg(jpg: bytes, rgb: bool = True) -> np.ndarray:
+    """Our normalized JPEG → RGB uint8 HxWx3 (for statistics and inference); BGR, OpenCV's own
+    order, with `rgb=False`."""
     img = cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         raise ValueError("not a JPEG written by mmprep")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if rgb else img
 
 
 def decode_strip(strip: bytes, frames: int | None = None) -> np.ndarray:

@@ -139,14 +139,53 @@ def encode(result: Sample | Reject, name: str, summ: dict[str, Any] | None = Non
 
 def complete(data: bytes, name: str, sample_id: str, source: str, order: int, max_tokens: int) -> bytes:
     """A partial entry (`encode(..., with_stats=False)`, from the row child) → the entry `encode`
-    makes in one go: the normalization sums (which decode the stored JPEG again) and the
-    summary, made from the row's own processed output — bounded, already validated bytes.
-    The child does only what untrusted media need isolation for; with one worker its parent
-    waits on it, so this bookkeeping moved there. A reject is returned as it is."""
-    result = decode(data, sample_id, source, order)
-    if isinstance(result, Reject):
-        return data
-    return encode(result, name, summary(result, max_tokens))
+    makes in one go (see `finish`). A reject is returned as it is."""
+    return finish(data, name, sample_id, source, order, max_tokens)[0]
+
+
+def finish(data: bytes, name: str, sample_id: str, source: str, order: int, max_tokens: int) -> tuple[bytes, Reject | tuple]:
+    """A partial entry from the row child → (the entry `encode` makes in one go, its light
+    record as `peek` gives it). The normalization sums (which decode the stored JPEG again) and
+    the summary are made from the row's own processed output — bounded, already validated
+    bytes. The child does only what untrusted media need isolation for; this bookkeeping runs
+    in its parent, which with one worker would otherwise wait on it.
+
+    The partial entry is parsed and checked once; its payloads are kept as they are (one
+    slice), only the header is written again and the sums appended: byte for byte what
+    `encode(decode(partial), name, summary(...))` gives, without decoding and re-encoding."""
+    header, offset = _header(data)
+    if header["kind"] == "reject":
+        return data, Reject(sample_id, source, order, header["stage"], header["reason"], header["detail"])
+    if header["summary"] is not None or header["stats"] or header["sizes"].get("stats") is not None:
+        raise ValueError("not a partial entry")
+    body = memoryview(data)[:-32]
+    sizes, parts, end = header["sizes"], {}, offset
+    for part in _PAYLOADS[:-1]:
+        size = sizes[part]
+        parts[part] = None if size is None else bytes(body[end : end + size])
+        end += size or 0
+    if end != len(body):
+        raise ValueError("staged entry has a wrong length")
+    mel = None
+    if parts["mel"] is not None:
+        from mmprep.shards import load_npy
+
+        mel = load_npy(parts["mel"])
+    text = parts["text"].decode("utf-8") if parts["text"] is not None else None
+    s = Sample(id=sample_id, key=header["key"], source=source, order=order, label=header["label"], jpg=parts["jpg"], mel=mel,
+               text=text, meta={**header["meta"], "source": source}, hashes=header["hashes"], phash=header["phash"],
+               video=parts["video"], vphash=header["vphash"])
+    sums = sample_stats(s)
+    stats = b"".join(sums[m][2].astype("<i8").tobytes() for m in sorted(sums)) or None
+    summ = summary(s, max_tokens)
+    header["sizes"]["stats"] = len(stats) if stats is not None else None
+    header["stats"] = {m: [count, int(arr.shape[1]), scale] for m, (count, scale, arr) in sums.items()}
+    header["summary"] = summ
+    head = json.dumps(header, sort_keys=True, ensure_ascii=True).encode("ascii")
+    out = b"".join([MAGIC, struct.pack("<Q", len(head)), head, body[offset:end], stats or b""])
+    links = tuple(tuple(link) for link in summ["links"])
+    light = (s.key, sample_id, order, source, s.label, summ["signature"], links, s.phash, text, summ["size"], s.vphash)
+    return out + hashlib.sha256(out).digest(), light
 
 
 def _header(data: bytes) -> tuple[dict, int]:
@@ -226,13 +265,13 @@ def sample_stats(s: Sample) -> dict[str, tuple[int, int, np.ndarray]]:
 
     stats = {}
     if s.jpg is not None:
-        rgb = decode_jpg(s.jpg)
-        stats["image"] = (int(rgb.shape[0] * rgb.shape[1]), 1, image_parts(rgb))
+        bgr = decode_jpg(s.jpg, rgb=False)  # per-channel sums: the channels reordered, not the pixels
+        stats["image"] = (int(bgr.shape[0] * bgr.shape[1]), 1, image_parts(bgr)[:, ::-1])
     if s.mel is not None:
         stats["audio"] = (int(s.mel.shape[1]), F16_SCALE, feature_parts(s.mel))
     if s.video is not None:
-        rgb = decode_jpg(s.video)  # the frames stacked: per-channel sums over all of them
-        stats["video"] = (int(rgb.shape[0] * rgb.shape[1]), 1, image_parts(rgb))
+        bgr = decode_jpg(s.video, rgb=False)  # the frames stacked: per-channel sums over all of them
+        stats["video"] = (int(bgr.shape[0] * bgr.shape[1]), 1, image_parts(bgr)[:, ::-1])
     return stats
 
 

@@ -96,12 +96,24 @@ class Moments:
 
 
 def image_parts(rgb: np.ndarray) -> np.ndarray:
-    """A uint8 HxWx3 image's per-channel sums as int64 rows [sums, 0, 0, squares] (the layout
-    of `feature_parts`; a channel of ≤ 2**30 pixels cannot overflow)."""
-    pixels = rgb.reshape(-1, rgb.shape[-1])
+    """A uint8 HxWxC image's per-channel sums as int64 rows [sums, 0, 0, squares] (the layout
+    of `feature_parts`; a channel of ≤ 2**30 pixels cannot overflow).
+
+    OpenCV sums whole channels (values and their squares, 255² fits uint16) in about a third
+    of the time of numpy's per-channel histograms; its float64 totals are exact integers
+    below 2**53 (≥ 2**37 pixels). More than 4 channels: the histograms."""
+    channels = rgb.shape[-1]
+    zeros = np.zeros(channels, np.int64)
+    if rgb.ndim == 3 and channels <= 4 and rgb.dtype == np.uint8 and rgb.shape[0] * rgb.shape[1] < 1 << 37:
+        import cv2
+
+        wide = rgb.astype(np.uint16)
+        sums = np.array(cv2.sumElems(rgb)[:channels]).astype(np.int64)
+        squares = np.array(cv2.sumElems(cv2.multiply(wide, wide))[:channels]).astype(np.int64)
+        return np.stack([sums, zeros, zeros, squares])
+    pixels = rgb.reshape(-1, channels)
     levels = np.arange(256, dtype=np.int64)
-    hist = np.stack([np.bincount(pixels[:, i], minlength=256) for i in range(pixels.shape[1])]).astype(np.int64)
-    zeros = np.zeros(pixels.shape[1], np.int64)
+    hist = np.stack([np.bincount(pixels[:, i], minlength=256) for i in range(channels)]).astype(np.int64)
     return np.stack([hist @ levels, zeros, zeros, hist @ (levels * levels)])
 
 

@@ -302,8 +302,9 @@ class ProcessRangeFn(beam.DoFn):
         if isinstance(data, RecordError):
             return reject(row, data)
         if self.sandbox is not None:  # the child's entry: its statistics and summary are made here
-            data = staged.complete(data, name, row.id, row.source, row.order, self.cfg.text.max_tokens)
-        found = staged.peek(data, name, row.id, row.source, row.order, self.cfg.text.max_tokens)
+            data, found = staged.finish(data, name, row.id, row.source, row.order, self.cfg.text.max_tokens)
+        else:
+            found = staged.peek(data, name, row.id, row.source, row.order, self.cfg.text.max_tokens)
         if isinstance(found, Reject):
             if found.reason not in UNCACHED:
                 staged_rows.append((name, data))
