@@ -115,9 +115,7 @@ def encode(result: Sample | Reject, name: str, summ: dict[str, Any] | None = Non
             "video": result.video,
         }
         meta = {k: v for k, v in result.meta.items() if k != "source"}
-        sums = sample_stats(result) if with_stats else {}
-        parts["stats"] = b"".join(sums[m][2].astype("<i8").tobytes() for m in sorted(sums)) or None  # the header's (sorted) order
-        stats = {m: [count, int(arr.shape[1]), scale] for m, (count, scale, arr) in sums.items()}
+        parts["stats"], stats = _stats_payload(sample_stats(result) if with_stats else {})
         header = {
             "kind": "sample",
             "name": name,
@@ -135,6 +133,12 @@ def encode(result: Sample | Reject, name: str, summ: dict[str, Any] | None = Non
     head = json.dumps(header, sort_keys=True, ensure_ascii=True).encode("ascii")
     body = b"".join([MAGIC, struct.pack("<Q", len(head)), head, *payloads])
     return body + hashlib.sha256(body).digest()
+
+
+def _stats_payload(sums: dict[str, tuple[int, int, np.ndarray]]) -> tuple[bytes | None, dict[str, list[int]]]:
+    """`sample_stats` → (the stats payload: int64 arrays in the header's sorted order, its header field)."""
+    data = b"".join(sums[m][2].astype("<i8").tobytes() for m in sorted(sums)) or None
+    return data, {m: [count, int(arr.shape[1]), scale] for m, (count, scale, arr) in sums.items()}
 
 
 def complete(data: bytes, name: str, sample_id: str, source: str, order: int, max_tokens: int) -> bytes:
@@ -159,32 +163,14 @@ def finish(data: bytes, name: str, sample_id: str, source: str, order: int, max_
     if header["summary"] is not None or header["stats"] or header["sizes"].get("stats") is not None:
         raise ValueError("not a partial entry")
     body = memoryview(data)[:-32]
-    sizes, parts, end = header["sizes"], {}, offset
-    for part in _PAYLOADS[:-1]:
-        size = sizes[part]
-        parts[part] = None if size is None else bytes(body[end : end + size])
-        end += size or 0
-    if end != len(body):
-        raise ValueError("staged entry has a wrong length")
-    mel = None
-    if parts["mel"] is not None:
-        from mmprep.shards import load_npy
-
-        mel = load_npy(parts["mel"])
-    text = parts["text"].decode("utf-8") if parts["text"] is not None else None
-    s = Sample(id=sample_id, key=header["key"], source=source, order=order, label=header["label"], jpg=parts["jpg"], mel=mel,
-               text=text, meta={**header["meta"], "source": source}, hashes=header["hashes"], phash=header["phash"],
-               video=parts["video"], vphash=header["vphash"])
-    sums = sample_stats(s)
-    stats = b"".join(sums[m][2].astype("<i8").tobytes() for m in sorted(sums)) or None
-    summ = summary(s, max_tokens)
+    s = _sample(header, _payloads(header, offset, body), sample_id, source, order)  # no sums yet: stats {}
+    stats, header["stats"] = _stats_payload(sample_stats(s))
     header["sizes"]["stats"] = len(stats) if stats is not None else None
-    header["stats"] = {m: [count, int(arr.shape[1]), scale] for m, (count, scale, arr) in sums.items()}
-    header["summary"] = summ
+    header["summary"] = summ = summary(s, max_tokens)
     head = json.dumps(header, sort_keys=True, ensure_ascii=True).encode("ascii")
-    out = b"".join([MAGIC, struct.pack("<Q", len(head)), head, body[offset:end], stats or b""])
+    out = b"".join([MAGIC, struct.pack("<Q", len(head)), head, body[offset:], stats or b""])  # the payloads as the child wrote them
     links = tuple(tuple(link) for link in summ["links"])
-    light = (s.key, sample_id, order, source, s.label, summ["signature"], links, s.phash, text, summ["size"], s.vphash)
+    light = (s.key, sample_id, order, source, s.label, summ["signature"], links, s.phash, s.text, summ["size"], s.vphash)
     return out + hashlib.sha256(out).digest(), light
 
 
@@ -225,9 +211,13 @@ def decode(data: bytes, sample_id: str, source: str, order: int) -> Sample | Rej
 
     Anything malformed or torn raises ValueError (the caller then processes the row again)."""
     header, offset = _header(data)
-    body = memoryview(data)[:-32]
     if header["kind"] == "reject":
         return Reject(sample_id, source, order, header["stage"], header["reason"], header["detail"])
+    return _sample(header, _payloads(header, offset, memoryview(data)[:-32]), sample_id, source, order)
+
+
+def _payloads(header: dict, offset: int, body: memoryview) -> dict[str, bytes | None]:
+    """A sample entry's payloads by name (None: absent), from its body after the header."""
     parts: dict[str, bytes | None] = {}
     for name in _PAYLOADS:
         size = header["sizes"][name]
@@ -235,6 +225,10 @@ def decode(data: bytes, sample_id: str, source: str, order: int) -> Sample | Rej
         offset += size or 0
     if offset != len(body):
         raise ValueError("staged entry has a wrong length")
+    return parts
+
+
+def _sample(header: dict, parts: dict[str, bytes | None], sample_id: str, source: str, order: int) -> Sample:
     mel = None
     if parts["mel"] is not None:
         from mmprep.shards import load_npy

@@ -99,9 +99,10 @@ def image_parts(rgb: np.ndarray) -> np.ndarray:
     """A uint8 HxWxC image's per-channel sums as int64 rows [sums, 0, 0, squares] (the layout
     of `feature_parts`; a channel of ≤ 2**30 pixels cannot overflow).
 
-    OpenCV sums whole channels (values and their squares, 255² fits uint16) in about a third
-    of the time of numpy's per-channel histograms; its float64 totals are exact integers
-    below 2**53 (≥ 2**37 pixels). More than 4 channels: the histograms."""
+    OpenCV sums whole channels (values and their squares: 255² fits uint16) in about a third
+    of the time of numpy's per-channel histograms; its float64 totals are exact while below
+    2**53, i.e. for channels of fewer than 2**37 pixels. Otherwise (or more than 4 channels):
+    the histograms."""
     channels = rgb.shape[-1]
     zeros = np.zeros(channels, np.int64)
     if rgb.ndim == 3 and channels <= 4 and rgb.dtype == np.uint8 and rgb.shape[0] * rgb.shape[1] < 1 << 37:
