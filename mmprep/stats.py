@@ -108,6 +108,7 @@ def image_parts(rgb: np.ndarray) -> np.ndarray:
     if rgb.ndim == 3 and channels <= 4 and rgb.dtype == np.uint8 and rgb.shape[0] * rgb.shape[1] < 1 << 37:
         import cv2
 
+        rgb = np.ascontiguousarray(rgb)  # OpenCV takes only contiguous rows
         wide = rgb.astype(np.uint16)
         sums = np.array(cv2.sumElems(rgb)[:channels]).astype(np.int64)
         squares = np.array(cv2.sumElems(cv2.multiply(wide, wide))[:channels]).astype(np.int64)

@@ -147,6 +147,23 @@ def test_summed_parts_equal_python_integer_moments_even_near_int64_limits():
     assert summed.moments() == exact
 
 
+def test_image_parts_are_exact_for_any_channel_count_and_layout():
+    """OpenCV's whole-channel sums give the integers of the per-channel histograms (the
+    statistics in dataset.json): 1, 3 and 4 channels, a saturated image, a strided view, and
+    the reversed channels that the staging code takes from BGR pixels."""
+    from mmprep.stats import image_parts
+
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((64, 64, 3), (5, 7, 1), (9, 4, 4), (1, 1, 3))]
+    images += [np.full((512, 64, 3), 255, np.uint8), rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)[::3, ::2]]
+    bgr = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    for img in [*images, bgr[..., ::-1]]:
+        pixels = img.reshape(-1, img.shape[-1]).astype(np.int64)
+        want = np.stack([pixels.sum(0), np.zeros(img.shape[-1], np.int64), np.zeros(img.shape[-1], np.int64), (pixels**2).sum(0)])
+        assert np.array_equal(image_parts(img), want), img.shape
+    assert np.array_equal(image_parts(bgr)[:, ::-1], image_parts(bgr[..., ::-1]))
+
+
 def _fold(parts: list[Moments]) -> tuple[Moments, Moments]:
     acc = Moments.empty(8)
     for m in parts[1:]:
