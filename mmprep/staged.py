@@ -2,10 +2,11 @@
 processing a row and writing it into a shard.
 
 An entry is named by a digest of everything that decides its content — the row's fields,
-the bytes of its media, the params that act on one row, the code and library versions —
-so a rerun finds the entries of unchanged rows and processes only new or changed rows.
-Where the row sits in the input (`source`, `order`) is not part of the name: inserting
-rows shifts line numbers but reuses every entry; the current values are put back on reading.
+the bytes of its media, the params that act on one row, the source of the code that processes
+it and the library versions — so a rerun finds the entries of unchanged rows and processes
+only new or changed rows. Where the row sits in the input (`source`, `order`) is not part of
+the name: inserting rows shifts line numbers but reuses every entry; the current values are put
+back on reading.
 
 Layout (no pickle, nothing executable):
     MAGIC | u64 header length | header (ASCII JSON) | payloads | sha256 of everything before
@@ -17,8 +18,10 @@ A torn or corrupted entry fails the trailing digest and is treated as absent.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 import struct
 from importlib import metadata
 from typing import Any
@@ -59,9 +62,34 @@ def row_params(cfg: PrepareConfig) -> dict[str, Any]:
     }
 
 
+# mmprep's modules whose code decides an entry's bytes (a test checks that processing and staging
+# a row of every modality imports no other)
+ROW_CODE = ("audio", "config", "image", "labels", "process", "records", "shards", "staged", "stats", "text", "video")
+
+
+@functools.cache
+def code_digest(package_dir: str) -> str:
+    """sha256 of the source of the ROW_CODE modules in `package_dir`: an entry made by other
+    code is another entry. The version number alone does not say it (an edited or updated
+    checkout keeps mmprep 0.1.0), and a cache that outlives a code change must not hand back
+    rows the old code made. A module without its source (installed as bytecode only) counts as
+    unchanged: its version, in `_LIBRARIES`, stands for it."""
+    digest = hashlib.sha256()
+    for name in ROW_CODE:
+        try:
+            with open(os.path.join(package_dir, f"{name}.py"), "rb") as f:
+                source = f.read()
+        except OSError:
+            source = b""
+        digest.update(name.encode() + b"\0" + hashlib.sha256(source).digest())
+    return digest.hexdigest()
+
+
 def context_digest(cfg: PrepareConfig) -> str:
-    """Everything shared by all rows of a run that decides an entry's content."""
-    blob = json.dumps({"format": FORMAT, "params": row_params(cfg), "libraries": _library_versions()}, sort_keys=True)
+    """Everything shared by all rows of a run that decides an entry's content: the staging
+    format, the params that act on one row, the row-processing code and the libraries' versions."""
+    blob = json.dumps({"format": FORMAT, "params": row_params(cfg), "libraries": _library_versions(),
+                       "code": code_digest(os.path.dirname(os.path.abspath(__file__)))}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

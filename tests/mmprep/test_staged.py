@@ -104,3 +104,58 @@ def test_a_partial_entry_completed_by_the_worker_is_the_entry_made_in_one_go():
         text_only, "t", staged.summary(text_only, 32))
     rej = Reject("x", "m.jsonl:1", 0, "image", "image_undecodable", "bad bytes")
     assert staged.complete(staged.encode(rej, "r", with_stats=False), "r", "x", "m.jsonl:1", 0, 32) == staged.encode(rej, "r")
+
+
+def test_the_context_follows_the_source_of_the_row_code(tmp_path):
+    """A cache outlives code changes: rows made by other code must not be found (the version
+    number stays 0.1.0 in an edited checkout)."""
+    import shutil
+    from pathlib import Path
+
+    here = Path(staged.__file__).parent
+    for copy in ("a", "b", "edited"):
+        (tmp_path / copy).mkdir()
+        for name in staged.ROW_CODE:
+            shutil.copy(here / f"{name}.py", tmp_path / copy / f"{name}.py")
+    with open(tmp_path / "edited" / "image.py", "a") as f:
+        f.write("\nJPEG_QUALITY_FIX = 1\n")
+    assert staged.code_digest(str(tmp_path / "a")) == staged.code_digest(str(tmp_path / "b")) == staged.code_digest(str(here))
+    assert staged.code_digest(str(tmp_path / "edited")) != staged.code_digest(str(tmp_path / "a"))
+    assert staged.context_digest(PrepareConfig()) == staged.context_digest(PrepareConfig())
+
+
+def test_processing_and_staging_a_row_imports_only_the_row_code(tmp_path):
+    """ROW_CODE names every mmprep module whose code decides an entry: a row of every modality,
+    processed, encoded as the child does and completed as the worker does, imports no other."""
+    import io
+    import json
+    import subprocess
+    import sys
+
+    from mmprep.clips import write_clip
+
+    clip = io.BytesIO()
+    write_clip(clip, [np.full((48, 64, 3), 40 * i, np.uint8) for i in range(6)], 6)
+    for name, data in (("x.png", png()), ("x.wav", wav()), ("v.mp4", clip.getvalue())):
+        (tmp_path / name).write_bytes(data)
+    script = f"""
+import json, sys
+from pathlib import Path
+from mmprep import staged
+from mmprep.config import PrepareConfig
+from mmprep.process import process_row
+from mmprep.records import RawRow
+d = Path({str(tmp_path)!r})
+for row, loaded in (
+    (RawRow(source="m:1", order=0, id="a", text="Words here.", label="Cat", image="x.png", audio="x.wav"),
+     {{"image": (d / "x.png").read_bytes(), "audio": (d / "x.wav").read_bytes(), "text": "Words here."}}),
+    (RawRow(source="m:2", order=1, id="v", text="moving", video="v.mp4"), {{"video": (d / "v.mp4").read_bytes(), "text": "moving"}}),
+):
+    partial = staged.encode(process_row(row, loaded, PrepareConfig()), "n", with_stats=False)
+    staged.finish(partial, "n", row.id, row.source, row.order, 32)
+print(json.dumps(sorted(m for m in sys.modules if m.startswith("mmprep."))))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    used = {m.removeprefix("mmprep.") for m in json.loads(out.splitlines()[-1])}
+    assert {"image", "audio", "video", "text", "process"} <= used  # the row really went through every decoder
+    assert used <= set(staged.ROW_CODE), f"modules deciding an entry but not in ROW_CODE: {sorted(used - set(staged.ROW_CODE))}"
