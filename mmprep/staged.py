@@ -187,19 +187,17 @@ def finish(data: bytes, name: str, sample_id: str, source: str, order: int, max_
     `encode(decode(partial), name, summary(...))` gives, without decoding and re-encoding."""
     header, offset = _header(data)
     if header["kind"] == "reject":
-        return data, Reject(sample_id, source, order, header["stage"], header["reason"], header["detail"])
+        return data, _reject(header, sample_id, source, order)
     if header["summary"] is not None or header["stats"] or header["sizes"].get("stats") is not None:
         raise ValueError("not a partial entry")
     body = memoryview(data)[:-32]
     s = _sample(header, _payloads(header, offset, body), sample_id, source, order)  # no sums yet: stats {}
     stats, header["stats"] = _stats_payload(sample_stats(s))
     header["sizes"]["stats"] = len(stats) if stats is not None else None
-    header["summary"] = summ = summary(s, max_tokens)
+    header["summary"] = summary(s, max_tokens)
     head = json.dumps(header, sort_keys=True, ensure_ascii=True).encode("ascii")
     out = b"".join([MAGIC, struct.pack("<Q", len(head)), head, body[offset:], stats or b""])  # the payloads as the child wrote them
-    links = tuple(tuple(link) for link in summ["links"])
-    light = (s.key, sample_id, order, source, s.label, summ["signature"], links, s.phash, s.text, summ["size"], s.vphash)
-    return out + hashlib.sha256(out).digest(), light
+    return out + hashlib.sha256(out).digest(), _light(header, sample_id, source, order, s.text)
 
 
 def _header(data: bytes) -> tuple[dict, int]:
@@ -220,7 +218,7 @@ def peek(data: bytes, name: str, sample_id: str, source: str, order: int, max_to
     if header.get("name") != name:
         return None
     if header["kind"] == "reject":
-        return Reject(sample_id, source, order, header["stage"], header["reason"], header["detail"])
+        return _reject(header, sample_id, source, order)
     summ = header["summary"]
     if summ["max_tokens"] != max_tokens:
         return None
@@ -229,6 +227,16 @@ def peek(data: bytes, name: str, sample_id: str, source: str, order: int, max_to
     if sizes["text"] is not None:
         start = offset + (sizes["jpg"] or 0) + (sizes["mel"] or 0)
         text = data[start : start + sizes["text"]].decode("utf-8")
+    return _light(header, sample_id, source, order, text)
+
+
+def _reject(header: dict, sample_id: str, source: str, order: int) -> Reject:
+    return Reject(sample_id, source, order, header["stage"], header["reason"], header["detail"])
+
+
+def _light(header: dict, sample_id: str, source: str, order: int, text: str | None) -> tuple:
+    """A sample entry's light record fields (see `peek`), from its header and summary."""
+    summ = header["summary"]
     links = tuple(tuple(link) for link in summ["links"])
     return (header["key"], sample_id, order, source, header["label"], summ["signature"], links, header["phash"], text, summ["size"],
             header["vphash"])
@@ -240,7 +248,7 @@ def decode(data: bytes, sample_id: str, source: str, order: int) -> Sample | Rej
     Anything malformed or torn raises ValueError (the caller then processes the row again)."""
     header, offset = _header(data)
     if header["kind"] == "reject":
-        return Reject(sample_id, source, order, header["stage"], header["reason"], header["detail"])
+        return _reject(header, sample_id, source, order)
     return _sample(header, _payloads(header, offset, memoryview(data)[:-32]), sample_id, source, order)
 
 
