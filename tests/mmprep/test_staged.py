@@ -159,3 +159,31 @@ print(json.dumps(sorted(m for m in sys.modules if m.startswith("mmprep."))))
     used = {m.removeprefix("mmprep.") for m in json.loads(out.splitlines()[-1])}
     assert {"image", "audio", "video", "text", "process"} <= used  # the row really went through every decoder
     assert used <= set(staged.ROW_CODE), f"modules deciding an entry but not in ROW_CODE: {sorted(used - set(staged.ROW_CODE))}"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"image": "x.png"},  # image only: no text, no label
+        {"audio": "x.wav", "label": "Dog"},  # audio only
+        {"image": "x.png", "audio": "x.wav", "label": "词"},  # no text, a non-Latin label
+        {"text": "Ünïcode — 中文 text", "audio": "x.wav"},  # no image
+    ],
+    ids=["image-only", "audio-only", "no-text", "no-image"],
+)
+def test_finish_on_rows_missing_modalities_gives_the_one_go_entry_and_its_light_record(fields):
+    """Rows the demo never makes: the completed entry is the one `encode` makes at once, and the
+    light record is what `peek` reads back from it (absent modalities stay absent)."""
+    media = {"image": png(), "audio": wav()}
+    row = RawRow(source="m.jsonl:4", order=3, id="r/4", **fields)
+    loaded = {m: media[m] for m in ("image", "audio") if m in fields}
+    if "text" in fields:
+        loaded["text"] = fields["text"]
+    s = process_row(row, loaded, PrepareConfig())
+    assert not isinstance(s, Reject), s
+    done, light = staged.finish(staged.encode(s, "n", with_stats=False), "n", s.id, s.source, s.order, 32)
+    assert done == staged.encode(s, "n", staged.summary(s, 32))
+    assert light == staged.peek(done, "n", s.id, s.source, s.order, 32)
+    back = staged.decode(done, s.id, s.source, s.order)
+    assert sorted(back.stats) == sorted(m for m, v in (("image", s.jpg), ("audio", s.mel)) if v is not None)
+    assert (back.text is None) == ("text" not in fields) and light[8] == back.text
