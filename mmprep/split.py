@@ -114,19 +114,48 @@ def _link_exact(links: dict[str, LinkColumn], cfg: PrepareConfig, uf: _UnionFind
 _PACKED_BITS = 63  # a near pair (7 bits of distance, two sample numbers) packs into a non-negative int64
 
 
+# the comparisons within buckets cost about as much as this many elements of a table's sort
+# and bookkeeping (measured: 16k-400k random hashes, phash_distance 4-8)
+_TABLE_COST = 32
+
+
+def phash_tables(n: int, d: int) -> list[tuple[str, int]]:
+    """The tables of multi-index hashing for n hashes within d bits, as (name, key mask): with
+    m bands (64 // m bits each, the last one the rest), two hashes within d bits agree on at
+    least m - d bands, so every (m - d)-subset of the bands is one table's key. m = d + 1 (one
+    band per table, named by its number) keeps buckets of n / 2**(64 // m) hashes: the pairs
+    compared grow as n². More bands make longer keys and smaller buckets in more tables; m is
+    the one with the fewest elements sorted and compared, estimated for random hashes."""
+    from itertools import combinations
+    from math import comb
+
+    def bands(m: int) -> list[int]:
+        width = 64 // m
+        return [((1 << (64 - b * width if b == m - 1 else width)) - 1) << (b * width) for b in range(m)]
+
+    def cost(m: int) -> float:
+        key_bits = (m - d) * (64 // m)
+        return comb(m, d) * (_TABLE_COST * n + n * n / 2 ** min(key_bits, 64))
+
+    m = d + 1
+    while m < 64 and cost(m + 1) < cost(m):
+        m += 1
+    masks = bands(m)
+    return [("+".join(map(str, c)), sum(masks[b] for b in c)) for c in combinations(range(m), m - d)]
+
+
 def _link_phash(column: tuple[np.ndarray, np.ndarray], cfg: PrepareConfig, uf: _UnionFind, ignored: list[dict], modality: str) -> None:
-    """Multi-index hashing: with d+1 bands, two hashes within d bits agree on some band;
-    the hashes sharing a band value (a bucket) are compared pairwise with numpy popcounts,
-    all buckets of a band at once: step k compares each hash with the k-th next one in its
-    bucket (sorted by band value, then by position). Images and videos each among their own."""
+    """Multi-index hashing: the hashes are cut into bands (`phash_tables`); two hashes within
+    d bits agree on all bands of at least one table's key. The hashes sharing a key value (a
+    bucket) are compared pairwise with numpy popcounts, all buckets of a table at once: step k
+    compares each hash with the k-th next one in its bucket (sorted by key, then by position).
+    Images and videos each among their own."""
     if modality not in cfg.link_modalities:
         return
     d = cfg.phash_distance
     values, valid = column
     index = np.flatnonzero(valid).astype(np.int64)
     hashes = np.asarray(values, dtype=np.uint64)[index]
-    bands = d + 1
-    width = 64 // bands
     # (distance, sample, sample) with sample < sample, packed in one int64 (sorted like the
     # triple) where the sample numbers fit: a corpus's near pairs are ~2 per image here
     span = max(1, len(uf.parent).bit_length())
@@ -138,15 +167,13 @@ def _link_phash(column: tuple[np.ndarray, np.ndarray], cfg: PrepareConfig, uf: _
         return np.stack([dist, a, b], axis=1)
 
     found = [np.empty((0,) if packed else (0, 3), dtype=np.int64)]
-    for band in range(bands):
-        shift = band * width
-        bits = 64 - shift if band == bands - 1 else width
-        values = (hashes >> np.uint64(shift)) & np.uint64((1 << bits) - 1)
+    for table, mask in phash_tables(len(hashes), d):
+        values = hashes & np.uint64(mask)
         order = np.argsort(values, kind="stable")
         starts = np.flatnonzero(np.r_[True, values[order][1:] != values[order][:-1]]) if len(order) else order
         lengths = np.diff(np.r_[starts, len(order)])
         for s in np.flatnonzero(lengths > 64 * uf.cap):  # a degenerate band value (e.g. blank images)
-            ignored.append({"modality": f"{modality}_phash_band", "hash": f"{band}", "samples": int(lengths[s]), "why": "shared too widely"})
+            ignored.append({"modality": f"{modality}_phash_band", "hash": table, "samples": int(lengths[s]), "why": "shared too widely"})
         usable = np.repeat(lengths <= 64 * uf.cap, lengths)
         # how many later members of its bucket each position has
         later = np.repeat(starts + lengths, lengths) - np.arange(len(order)) - 1

@@ -98,6 +98,43 @@ def test_near_pairs_packed_or_not_give_the_same_split(monkeypatch):
     assert packed.groups < len(items) - 100  # near copies were grouped
 
 
+@pytest.mark.parametrize("d", [0, 1, 4, 6, 8, 12])
+def test_phash_tables_cover_every_pair_within_the_distance_at_every_corpus_size(d):
+    from mmprep.split import phash_tables
+
+    rng = random.Random(d)
+    for n in (100, 16_000, 1_000_000, 50_000_000):
+        tables = phash_tables(n, d)
+        masks = [mask for _, mask in tables]
+        assert len({name for name, _ in tables}) == len(tables)
+        for _ in range(300):  # d bits apart, at random places: some key sees no difference
+            diff = sum(1 << b for b in rng.sample(range(64), d))
+            assert any(diff & mask == 0 for mask in masks), (n, d, hex(diff))
+    assert len(phash_tables(1_000_000, 6)) > len(phash_tables(1_000, 6)) == 7  # longer keys for a large corpus only
+
+
+def test_near_pairs_found_with_more_tables_give_the_same_split(monkeypatch):
+    # what a corpus of millions gets (more bands, keys of several bands) on a small one: the same groups
+    from mmprep import split
+
+    rng = random.Random(5)
+    items = []
+    for c in range(80):
+        base = rng.getrandbits(64)
+        for i in range(rng.randrange(1, 6)):
+            flips = rng.sample(range(64), rng.randrange(0, 7))
+            items.append(item(f"c{c:02d}-{i}", label=rng.choice("ab"), phash=base ^ sum(1 << b for b in flips)))
+    cfg = PrepareConfig(max_link_share=0.05, phash_distance=4)
+    few = assign_splits(items, cfg)
+    assert len(split.phash_tables(len(items), 4)) == 5
+    tables = split.phash_tables
+    monkeypatch.setattr(split, "phash_tables", lambda n, d: tables(10**8, d))
+    assert len(split.phash_tables(len(items), 4)) > 5
+    many = assign_splits(items, cfg)
+    assert few.split_of == many.split_of and few.group_of == many.group_of and few.ignored_links == many.ignored_links
+    assert few.groups < len(items) - 50
+
+
 @pytest.mark.slow
 def test_split_scales_to_a_few_hundred_thousand_items():
     rng = random.Random(0)
