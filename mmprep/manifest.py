@@ -100,8 +100,10 @@ def _json_safe(value: Any, depth: int = 0) -> Any:
     return printable(str(value))
 
 
-def parse_record(obj: dict[str, Any], source: str, order: int, base: str) -> RawRow | Reject:
-    """A row as a dict (from JSON, CSV or parquet) → RawRow, or a reject."""
+def parse_record(obj: dict[str, Any], source: str, order: int, base: str, empty_is_missing: bool = False) -> RawRow | Reject:
+    """A row as a dict (from JSON, CSV or parquet) → RawRow, or a reject. An empty text is a
+    declared empty caption (a `text_empty` reject later), except with `empty_is_missing` (CSV,
+    where an empty cell is the only way to leave a field out): then the row has no text."""
     raw_id = obj.get("id")
     if _is_null(raw_id):
         return read_reject(source, order, "missing_id", "the row has no 'id'")
@@ -121,7 +123,7 @@ def parse_record(obj: dict[str, Any], source: str, order: int, base: str) -> Raw
         else:
             detail = f"'{name}' must be a string, got {type(value).__name__}"
             return read_reject(source, order, "bad_field", detail, sample_id)
-    if obj.get("text") == "":
+    if obj.get("text") == "" and not empty_is_missing:
         fields["text"] = ""  # an empty caption was declared: the text stage rejects it as text_empty
     if all(fields[m] is None for m in MODALITY_COLUMNS):
         return read_reject(source, order, "no_modality", "no image, audio, text or video", sample_id)

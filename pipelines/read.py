@@ -523,7 +523,7 @@ def _read_csv(rng: Range, name: str, base: str) -> Iterator[RawRow | Reject]:
             elif len(fields) != len(header):
                 yield read_reject(source, order, "malformed_row", f"expected {len(header)} fields, got {len(fields)}")
             else:
-                yield parse_record(dict(zip(header, fields, strict=True)), source, order, base)
+                yield parse_record(dict(zip(header, fields, strict=True)), source, order, base, empty_is_missing=True)
             order += 1
 
 

@@ -230,6 +230,7 @@ def test_csv_and_parquet_manifests_give_the_same_dataset_as_jsonl(tmp_path):
         (tmp_path / "m" / f"{i}.wav").write_bytes(wav(rng))
         rows.append({"id": f"r{i}", "image": f"m/{i}.png", "audio": f"m/{i}.wav", "text": f"caption, number {i}", "label": "ab"[i % 2]})
     rows[3]["image"] = "m/missing.png"
+    del rows[5]["text"]  # no caption: a key left out, a null, an empty CSV cell — the row is kept without text
     write_manifest(tmp_path, [j(**r) for r in rows])
     pacsv.write_csv(pa.Table.from_pylist(rows), tmp_path / "manifest.csv")
     pqw.write_table(pa.Table.from_pylist(rows), tmp_path / "manifest.parquet")
@@ -241,6 +242,7 @@ def test_csv_and_parquet_manifests_give_the_same_dataset_as_jsonl(tmp_path):
         assert shards == sorted(n for s in ds["splits"].values() for n in s["shards"])
     assert results["csv"] == results["jsonl"] == results["parquet"]
     assert results["csv"][1] == [("r3", "missing_file")]
+    assert "r5" in {i for i, _, _ in results["csv"][0]}
 
 
 def test_broken_csv_rows_are_rejects(tmp_path):
