@@ -17,7 +17,7 @@ REASONS: dict[str, tuple[str, str]] = {
     "malformed_row": ("read", "the manifest line/row could not be parsed (bad JSON, broken CSV row)"),
     "bad_field": ("read", "a field has the wrong type (e.g. a number where a path or text belongs)"),
     "missing_id": ("read", "the row has no usable id"),
-    "duplicate_id": ("read", "another row already used this id; the first row (by source order) is kept"),
+    "duplicate_id": ("read", "an earlier row with this id is kept (the first by source order among the rows not rejected for a reason of their own)"),
     "no_modality": ("read", "the row names no image, audio, text or video"),
     "missing_file": ("load", "a referenced media file does not exist"),
     "unreadable_file": ("load", "a referenced media file could not be read"),

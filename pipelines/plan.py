@@ -155,13 +155,15 @@ class PlanFn(beam.DoFn):
         parsed = table.filter(pc.invert(unparsed))
         del table, unparsed
         release_memory()
-        firsts, dup_ids = _duplicates(parsed, _first_per(parsed, "id"), "id", "duplicate_id", "id already used by")
-        del parsed
+        # a row rejected for its own reason (a missing file, say) keeps no id: a later row with
+        # the same id is then the one kept, not a duplicate of a row that is not in the dataset
+        failed = pc.is_valid(parsed["reason"])
+        rejects += _reject_rows(parsed.filter(failed))
+        usable = parsed.filter(pc.invert(failed)).drop_columns(["stage", "reason", "detail"])
+        del parsed, failed
         release_memory()
-        failed = pc.is_valid(firsts["reason"])
-        rejects += _reject_rows(firsts.filter(failed))
-        kept = firsts.filter(pc.invert(failed)).drop_columns(["stage", "reason", "detail"])
-        del firsts, failed
+        kept, dup_ids = _duplicates(usable, _first_per(usable, "id"), "id", "duplicate_id", "id already used by")
+        del usable
         release_memory()
         kept, dups = _duplicates(kept, _first_per(kept, "signature"), "signature", "duplicate", "same content as")
         kept = kept.drop_columns(["signature"])

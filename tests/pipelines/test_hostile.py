@@ -105,6 +105,8 @@ def test_hostile_corpus_finishes_and_accounts_for_every_row(tmp_path):
         b'{"id": "bad-\xff-id", "text": "fine text", "label": "a"}',
         b'{"id": "badlabel", "text": "fine text", "label": "l\xfe"}',
         b'{"id": "badextra", "text": "extra column", "label": "a", "note": "n\xff"}',
+        j(id="second", image="m/does-not-exist.png", label="a"),  # its id goes to the next row, which is kept
+        j(id="second", text="the first usable row with this id", label="a"),
     ]
     params = params_with(tmp_path, max_reject_ratio=1.0)  # a corpus that is mostly hostile on purpose
     manifest, rejects, ds = prepare(write_manifest(tmp_path, lines), tmp_path / "out", params)
@@ -131,7 +133,8 @@ def test_hostile_corpus_finishes_and_accounts_for_every_row(tmp_path):
     }
     assert expected <= reasons, expected - reasons
     kept = {r["id"]: r for r in manifest}
-    assert set(kept) == {"good/1", "../../etc/passwd", "with space 和 中文", "badextra", "brackets"}
+    assert set(kept) == {"good/1", "../../etc/passwd", "with space 和 中文", "badextra", "brackets", "second"}
+    assert kept["second"]["source"] == f"manifest.jsonl:{len(lines)}" and ("second", "missing_file") in reasons
     meta = json.loads(next(m for m in _members(tmp_path / "out") if m[0] == kept["badextra"]["key"])[1]["json"])
     assert meta["extra"] == {"note": "n\\xff"}  # carried through, made printable
     assert all(set(r["key"]) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-") for r in manifest)
