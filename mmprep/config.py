@@ -214,10 +214,15 @@ class TrainConfig:
 
     def validate(self) -> None:
         p = "train."
-        _check(self.width >= 8, p + "width", "must be >= 8")
+        _check(self.width >= 8 and self.width % 4 == 0, p + "width", "must be a multiple of 4, >= 8 (4 attention heads; the GRU halves it)")
         _check(self.epochs >= 1, p + "epochs", "must be >= 1")
         _check(self.batch_size >= 1, p + "batch_size", "must be >= 1")
         _check(self.lr > 0, p + "lr", "must be > 0")
+        _check(self.warmup_steps >= 0, p + "warmup_steps", "must be >= 0 (0 = no warm-up)")
+        _check(self.grad_clip > 0, p + "grad_clip", "must be > 0 (the largest gradient norm; a large value barely clips)")
+        _check(self.shuffle_buffer >= 0, p + "shuffle_buffer", "must be >= 0 (0 = no shuffling)")
+        _check(self.log_every >= 1, p + "log_every", "must be >= 1 (steps between log lines)")
+        _check(self.checkpoint_every >= 1, p + "checkpoint_every", "must be >= 1 (steps between checkpoints)")
         _check(0.0 <= self.modality_dropout < 1.0, p + "modality_dropout", "must be in [0, 1)")
         _check(0.0 <= self.single_modality <= 1.0, p + "single_modality", "must be in [0, 1]")
         _check(self.aux_loss >= 0.0, p + "aux_loss", "must be >= 0 (0 = no unimodal heads)")

@@ -30,6 +30,12 @@ def test_defaults_without_a_file():
         ({"prepare": {"label": {"rules": [{"pattern": "(", "label": "x"}]}}}, r"rules\[0\]\.pattern: invalid regex"),
         ({"train": {"fusion": "sum"}}, r"train\.fusion: 'sum' is not one of"),
         ({"train": []}, r"train: expected a mapping"),
+        ({"train": {"width": 30}}, r"train\.width: must be a multiple of 4"),
+        ({"train": {"log_every": 0}}, r"train\.log_every: must be >= 1"),
+        ({"train": {"checkpoint_every": 0}}, r"train\.checkpoint_every: must be >= 1"),
+        ({"train": {"grad_clip": 0}}, r"train\.grad_clip: must be > 0"),
+        ({"train": {"warmup_steps": -5}}, r"train\.warmup_steps: must be >= 0"),
+        ({"train": {"shuffle_buffer": -1}}, r"train\.shuffle_buffer: must be >= 0"),
     ],
 )
 def test_bad_params_fail_with_the_key(data, message):
