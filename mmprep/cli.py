@@ -212,6 +212,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError, ValueError, FloatingPointError) as err:  # bad params/input/shards, NaN in training: one line
         print(f"mmprep {argv[0]}: error: {one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, what is left, the shell's exit status for SIGINT
+        print(f"\nmmprep {argv[0]}: interrupted{INTERRUPTED.get(argv[0], '')}", file=sys.stderr)
+        return 130
+
+
+# what an interrupted command leaves (see README: train resumes, prepare publishes atomically)
+INTERRUPTED = {
+    "train": "; the last checkpoint stays: the same command resumes from it",
+    "prepare": "; an output without dataset.json is incomplete: run the same command again",
+}
 
 
 def one_line(err: BaseException) -> str:

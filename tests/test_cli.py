@@ -117,3 +117,17 @@ def test_version_names_mmprep_and_its_engines():
     assert run.returncode == 0
     for dist in ("mmprep", "apache-beam", "torch", "webdataset"):
         assert f"{dist} {metadata.version(dist)}" in run.stdout
+
+
+@pytest.mark.parametrize("command", ["train", "prepare", "evaluate"])
+def test_ctrl_c_is_one_line_and_exit_status_130(command, monkeypatch, capsys):
+    from mmprep import cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, command, (interrupted, *cli.COMMANDS[command][1:]))
+    assert cli.main([command, "--help-not-reached"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"mmprep {command}: interrupted"), err
+    assert "resumes" in err[0] if command == "train" else True
