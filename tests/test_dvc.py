@@ -84,3 +84,37 @@ def test_dvc_repro_end_to_end_then_noop(tmp_path):
     dvc(repo, "exp", "run", "-S", "train.fusion=attention")
     table = dvc(repo, "exp", "show", "--csv")
     assert "attention" in table and "accuracy" in table, table
+
+
+def _imported_modules(entry: str) -> set[str]:
+    """The project modules `entry` imports, also inside functions (lazy imports), transitively."""
+    import ast
+
+    seen, todo = set(), [entry]
+    while todo:
+        name = todo.pop()
+        path = ROOT / (name.replace(".", "/") + ".py")
+        if name in seen or not path.exists():
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                todo += [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                todo += [a.name for a in node.names]
+    return {m for m in seen if m.split(".")[0] in ("mmprep", "train", "pipelines")}
+
+
+@pytest.mark.parametrize(("stage", "entry"), [("train", "train.recipe"), ("evaluate", "train.evaluate"),
+                                               ("train_video", "train.recipe"), ("evaluate_video", "train.evaluate"),
+                                               ("prepare", "pipelines.prepare"), ("report", "mmprep.report")])
+def test_each_stage_depends_on_the_code_it_runs(stage, entry):
+    # a module a stage runs but does not declare: editing it would not rerun the stage (stale outputs)
+    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["deps"]
+    code = {d for d in deps if isinstance(d, str) and (ROOT / d).exists() and not d.startswith("data/")}
+    missing = []
+    for module in sorted(_imported_modules(entry)):  # (not mmprep.cli: it only dispatches)
+        file = module.replace(".", "/") + ".py"
+        if not any(file == d or file.startswith(d.rstrip("/") + "/") for d in code):
+            missing.append(file)
+    assert not missing, f"stage {stage} runs {missing} but does not list it in its deps"
