@@ -106,7 +106,9 @@ def parse_record(obj: dict[str, Any], source: str, order: int, base: str, empty_
     where an empty cell is the only way to leave a field out): then the row has no text."""
     raw_id = obj.get("id")
     if _is_null(raw_id):
-        return read_reject(source, order, "missing_id", "the row has no 'id'")
+        return read_reject(source, order, "missing_id", "the row's 'id' is empty" if raw_id == "" else "the row has no 'id'")
+    if isinstance(raw_id, str) and not raw_id.strip():
+        return read_reject(source, order, "missing_id", "the row's 'id' is only white space")
     try:
         sample_id = _scalar_str(raw_id)
     except TypeError as err:

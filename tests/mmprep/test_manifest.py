@@ -28,6 +28,9 @@ def test_malformed_and_wrong_typed_rows_are_rejects():
     nested = parse_record({"id": {"a": 1}, "text": "t"}, "m.jsonl:6", 5, "")
     assert nested.reason == "bad_field"
     assert parse_record({"text": "t"}, "m.jsonl:7", 6, "").reason == "missing_id"
+    empty, blank = parse_record({"id": "", "text": "t"}, "m.jsonl:9", 8, ""), parse_record({"id": " \t ", "text": "t"}, "m.jsonl:10", 9, "")
+    assert (empty.reason, empty.detail) == ("missing_id", "the row's 'id' is empty")
+    assert (blank.reason, blank.detail) == ("missing_id", "the row's 'id' is only white space")
     assert parse_record({"id": "z", "label": "cat"}, "m.jsonl:8", 7, "").reason == "no_modality"
 
 
