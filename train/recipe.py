@@ -11,6 +11,7 @@ resumed run skips the batches it already saw and continues bit for bit (on CPU).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -132,10 +133,17 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
     partial = [0.0, 0]
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
     last_path = os.path.join(run_dir, "checkpoints", "last.pt")
+    dataset = hashlib.sha256(D.read_bytes(data_dir, "dataset.json")).hexdigest()  # what the run trains on
     if os.path.exists(last_path):
         ckpt = load_checkpoint(last_path)
         _check_same_run(ckpt.get("config", {}), cfg, last_path)
-        model.load_state_dict(ckpt["model"])
+        if ckpt.get("dataset", dataset) != dataset:
+            raise ValueError(f"{last_path} was trained on other data ({data_dir}/dataset.json differs): use a new --output or delete it")
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as err:  # a checkpoint from before the dataset was recorded, made on other data
+            raise ValueError(f"{last_path} holds a model of another shape ({str(err).splitlines()[-1].strip()}): "
+                             "trained on other data? use a new --output or delete it") from None
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         step, start_epoch, best = ckpt["step"], ckpt["epoch"], ckpt["best"]
@@ -143,10 +151,12 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
         partial = ckpt.get("partial", [0.0, 0])  # the interrupted epoch's loss sum and batch count so far
         set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
         if main:
-            print(f"[train] resuming from {last_path} at step {step} (epoch {start_epoch})", file=sys.stderr)
+            print(f"[train] resuming from {last_path} at step {step}, in epoch {start_epoch + 1}", file=sys.stderr)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     fwd = torch.compile(net) if cfg.compile else net
-    live = _live(run_dir, live_dir, resume=step > 0) if main else None
+    live = _live(run_dir, live_dir) if main else None
+    for row in history:  # a resumed run's metrics files hold exactly the epochs its checkpoint validated
+        _log_live(live, row)
     speed = {"samples": 0, "seconds": 0.0, "wait": 0.0}
 
     def epoch_batches(epoch: int):
@@ -172,6 +182,8 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
                 upcoming = epoch_batches(epoch + 1)  # next epoch's workers start during this step and validation
             if index < skip:
                 continue
+            if step >= total:  # resumed after the last step, before its validation: nothing left to train
+                break
             timer["wait"] += time.perf_counter() - t0
             batch = D.to_device(batch, device, non_blocking=True)
             present = batch["present"] & model.use
@@ -195,8 +207,10 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
             elif main and (step % cfg.log_every == 0 or step == total):
                 _progress(step, total, timer, scheduler.get_last_lr()[0], cuda)
             if step % cfg.checkpoint_every == 0 or step == total:
-                _checkpoint(last_path, model, optimizer, scheduler, step, epoch + (index + 1 == batches), best, world, main,
-                            asdict(cfg), history, [float(timer["loss"]), timer["n"]] if index + 1 < batches else [0.0, 0])
+                # the epoch is not done until validated (the checkpoint after it): a run stopped in
+                # between resumes here, skips the epoch's batches and validates it
+                _checkpoint(last_path, model, optimizer, scheduler, step, epoch, best, world, main, asdict(cfg), history,
+                            [float(timer["loss"]), timer["n"]], dataset)
             if step >= total:
                 break
         if bar is not None:
@@ -218,7 +232,7 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
             if val_acc > best or math.isnan(val_acc):
                 best = val_acc if not math.isnan(val_acc) else best
                 save_atomic({"model": model.state_dict()}, os.path.join(run_dir, "checkpoints", "best.pt"))
-        _checkpoint(last_path, model, optimizer, scheduler, step, epoch + 1, best, world, main, asdict(cfg), history, [0.0, 0])
+        _checkpoint(last_path, model, optimizer, scheduler, step, epoch + 1, best, world, main, asdict(cfg), history, [0.0, 0], dataset)
         if step >= total:
             break
 
@@ -301,7 +315,8 @@ def validate(model, prep, data_dir, spec, shapes, device, split: str = "val") ->
 
 
 # knobs that may change between a run and its resumption
-RESUMABLE_CHANGES = {"epochs", "max_steps", "log_every", "checkpoint_every", "num_workers", "compile"}
+# (not num_workers: the loader's workers deal the shards, so the sample stream depends on it)
+RESUMABLE_CHANGES = {"epochs", "max_steps", "log_every", "checkpoint_every", "compile"}
 
 
 def _check_same_run(saved: dict[str, Any], cfg: TrainConfig, path: str) -> None:
@@ -310,7 +325,7 @@ def _check_same_run(saved: dict[str, Any], cfg: TrainConfig, path: str) -> None:
         raise ValueError(f"{path} was written with other train params ({', '.join(changed)}): use a new --output or delete it")
 
 
-def _checkpoint(path, model, optimizer, scheduler, step, epoch, best, world, main, config, history, partial) -> None:
+def _checkpoint(path, model, optimizer, scheduler, step, epoch, best, world, main, config, history, partial, dataset) -> None:
     """Every rank's RNG state goes into the one checkpoint written by rank 0, and the per-epoch
     history so far (a resumed run's train_config.json and curves cover every epoch)."""
     state = rng_state()
@@ -321,7 +336,7 @@ def _checkpoint(path, model, optimizer, scheduler, step, epoch, best, world, mai
     if main:
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "step": step, "epoch": epoch, "best": best, "rng": state, "config": config, "history": history,
-                     "partial": partial}, path)
+                     "partial": partial, "dataset": dataset}, path)
 
 
 def _account(speed: dict, timer: dict, first: bool, cuda: bool) -> None:
@@ -346,12 +361,12 @@ def _progress(step: int, total: int, timer: dict, lr: float, cuda: bool) -> None
           f"{timer['samples'] / elapsed:.0f} samples/s data-wait {timer['wait'] / elapsed:.1%}", file=sys.stderr, flush=True)
 
 
-def _live(run_dir: str, live_dir: str | None, resume: bool):
+def _live(run_dir: str, live_dir: str | None):
     try:
         from dvclive import Live
     except ImportError:  # DVCLive is a dependency; without it we still write metrics.json
         return None
-    return Live(dir=live_dir or os.path.join(run_dir, "dvclive"), resume=resume, save_dvc_exp=False, dvcyaml=None)
+    return Live(dir=live_dir or os.path.join(run_dir, "dvclive"), save_dvc_exp=False, dvcyaml=None)  # starts empty
 
 
 def _log_live(live, row: dict[str, float]) -> None:

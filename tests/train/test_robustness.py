@@ -1,0 +1,109 @@
+"""Training and evaluation where runs are stopped, resumed or pointed at other data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmprep.config import EvaluateConfig, TrainConfig
+from train import recipe
+from train.evaluate import evaluate
+from train.recipe import train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from factory import write_tiny_dataset  # noqa: E402
+
+FAST = TrainConfig(width=16, epochs=2, batch_size=32, lr=3e-3, warmup_steps=5, log_every=1000, checkpoint_every=12,
+                   modality_dropout=0.1, augment=False, shuffle_buffer=64)  # 12 batches an epoch: a checkpoint at each epoch's last
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return write_tiny_dataset(tmp_path_factory.mktemp("tiny"))
+
+
+def _sha(path: Path) -> bytes:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).digest()
+
+
+def test_a_run_stopped_between_an_epochs_last_step_and_its_validation_resumes_with_that_epochs_metrics(tiny, tmp_path, monkeypatch):
+    train(str(tiny), str(tmp_path / "straight"), FAST, live_dir=str(tmp_path / "live-straight"))
+    original, calls = recipe.validate, {"n": 0}
+
+    def killed_in_first_validation(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt("simulated kill")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "validate", killed_in_first_validation)
+    with pytest.raises(KeyboardInterrupt):
+        train(str(tiny), str(tmp_path / "resumed"), FAST, live_dir=str(tmp_path / "live-resumed"))
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)["step"] == 12
+    train(str(tiny), str(tmp_path / "resumed"), FAST, live_dir=str(tmp_path / "live-resumed"))
+    history = [json.loads((tmp_path / run / "train_config.json").read_text())["history"] for run in ("straight", "resumed")]
+    assert [h["epoch"] for h in history[1]] == [1, 2] and history[0] == history[1]
+    for name in ("model.pt", "checkpoints/best.pt"):
+        assert _sha(tmp_path / "straight" / name) == _sha(tmp_path / "resumed" / name), name
+    for live in ("live-straight", "live-resumed"):  # DVCLive's curves: one row per epoch, none lost or repeated
+        rows = (tmp_path / live / "plots" / "metrics" / "train" / "train_loss.tsv").read_text().splitlines()
+        assert len(rows) == 3, rows
+    assert json.loads((tmp_path / "live-straight" / "metrics.json").read_text()) == json.loads((tmp_path / "live-resumed" / "metrics.json").read_text())
+    # the same run directory with another loader worker count: the sample stream would differ
+    with pytest.raises(ValueError, match=r"other train params \(num_workers\)"):
+        train(str(tiny), str(tmp_path / "resumed"), replace(FAST, num_workers=2))
+
+
+def test_a_run_directory_resumed_on_other_data_is_refused_in_one_line(tiny, tmp_path):
+    run = tmp_path / "run"
+    train(str(tiny), str(run), replace(FAST, epochs=1))
+    other = write_tiny_dataset(tmp_path / "other", seed=1)
+    with pytest.raises(ValueError, match=r"was trained on other data \(.*dataset.json differs\): use a new --output"):
+        train(str(other), str(run), replace(FAST, epochs=1))
+
+
+def _edited(src: Path, dst: Path, edit) -> Path:
+    shutil.copytree(src, dst)
+    spec = json.loads((dst / "dataset.json").read_text())
+    edit(spec)
+    (dst / "dataset.json").write_text(json.dumps(spec))
+    return dst
+
+
+def test_evaluate_refuses_data_unlike_the_models_and_an_empty_split(tiny, tmp_path):
+    run = tmp_path / "run"
+    train(str(tiny), str(run), replace(FAST, epochs=1))
+    out = str(tmp_path / "m.json")
+    vocab = _edited(tiny, tmp_path / "vocab", lambda s: s["features"]["text"].update(vocab_size=s["features"]["text"]["vocab_size"] + 7))
+    with pytest.raises(ValueError, match=r"other text features than the model .*\(vocab_size"):
+        evaluate(str(vocab), str(run), out, EvaluateConfig())
+    size = _edited(tiny, tmp_path / "size", lambda s: s["features"]["image"].update(size=2 * s["features"]["image"]["size"]))
+    with pytest.raises(ValueError, match=r"other image features .*\(size"):
+        evaluate(str(size), str(run), out, EvaluateConfig())
+    (tmp_path / "tokenizer").mkdir()
+    shutil.copytree(tiny, tmp_path / "tokenizer" / "data")
+    (tmp_path / "tokenizer" / "data" / "tokenizer.model").write_bytes(b"another model")
+    with pytest.raises(ValueError, match=r"another tokenizer"):
+        evaluate(str(tmp_path / "tokenizer" / "data"), str(run), out, EvaluateConfig())
+    statistics = _edited(tiny, tmp_path / "stats", lambda s: s["features"]["image"].update(mean=[0.1, 0.2, 0.3]))
+    assert evaluate(str(statistics), str(run), out, EvaluateConfig())["samples"] == 64  # other statistics: the model keeps its own
+    empty = _edited(tiny, tmp_path / "empty", lambda s: s["splits"]["val"].update(samples=0, shards=[]))
+    with pytest.raises(ValueError, match=r"the val split has no samples"):
+        evaluate(str(empty), str(run), out, EvaluateConfig(split="val"))
+
+
+def test_a_model_without_some_modalities_evaluates_on_data_that_has_them(tmp_path):
+    images = write_tiny_dataset(tmp_path / "images", missing={"audio": 1.0, "text": 1.0})
+    full = write_tiny_dataset(tmp_path / "full")
+    run = tmp_path / "run"
+    train(str(images), str(run), replace(FAST, epochs=1))
+    metrics = evaluate(str(full), str(run), str(tmp_path / "m.json"), EvaluateConfig())
+    assert metrics["samples"] == 64 and set(metrics["by_presence"]) == {"image"}
