@@ -119,6 +119,9 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
     train_urls = D.shard_urls(data_dir, spec, "train")
     if not train_urls:
         raise ValueError(f"{data_dir}: the train split has no shards")
+    if spec["splits"]["train"]["samples"] < cfg.batch_size * world:  # the loader would repeat samples to fill one batch
+        raise ValueError(f"train.batch_size {cfg.batch_size}{f' x {world} ranks' if world > 1 else ''} is more than the "
+                         f"{spec['splits']['train']['samples']} samples of {data_dir}'s train split: use a smaller batch_size")
     batches = D.batches_per_epoch(spec, "train", cfg.batch_size, world)
     total = cfg.max_steps or cfg.epochs * batches
     epochs = math.ceil(total / batches)

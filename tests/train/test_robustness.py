@@ -107,3 +107,8 @@ def test_a_model_without_some_modalities_evaluates_on_data_that_has_them(tmp_pat
     train(str(images), str(run), replace(FAST, epochs=1))
     metrics = evaluate(str(full), str(run), str(tmp_path / "m.json"), EvaluateConfig())
     assert metrics["samples"] == 64 and set(metrics["by_presence"]) == {"image"}
+
+
+def test_a_batch_larger_than_the_train_split_is_refused(tiny, tmp_path):
+    with pytest.raises(ValueError, match=r"train.batch_size 1000 is more than the 384 samples"):
+        train(str(tiny), str(tmp_path / "run"), replace(FAST, batch_size=1000))
