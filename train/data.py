@@ -322,8 +322,13 @@ class EvalStream(IterableDataset):
 
 
 def batches_per_epoch(spec: dict[str, Any], split: str, batch_size: int, world: int) -> int:
-    """Same on every rank: drop the last partial global batch."""
-    return max(1, spec["splits"][split]["samples"] // (batch_size * world))
+    """Same on every rank: drop the last partial global batch. A split with fewer samples than
+    one global batch is an error: filling the batch would repeat samples within it."""
+    samples = spec["splits"][split]["samples"]
+    if samples < batch_size * world:
+        raise ValueError(f"batch_size {batch_size}{f' x {world} ranks' if world > 1 else ''} is more than the {samples} samples "
+                         f"of the {split} split: one batch would hold samples twice; use a smaller batch_size")
+    return samples // (batch_size * world)
 
 
 def loader(dataset: IterableDataset, num_workers: int, seed: int, pin: bool) -> DataLoader:

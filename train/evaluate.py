@@ -104,20 +104,25 @@ def scores(y: np.ndarray, p: np.ndarray, names: list[str]) -> dict[str, Any]:
 _FREE = {"mean", "std"}  # statistics of the data (the model keeps its own normalization)
 
 
-def check_compatible(spec: dict[str, Any], data_spec: dict[str, Any], run_dir: str, data_dir: str) -> None:
-    """The data must look like the model's: the same labels, and for each modality both have the
-    same features (image size, mel bins/frames, max tokens, and the same tokenizer: the same
-    token ids). A modality the model has no encoder for is ignored; one the data lacks is missing."""
+def check_compatible(spec: dict[str, Any], data_spec: dict[str, Any], run_dir: str, data_dir: str,
+                     used: set[str] | None = None) -> None:
+    """The data must look like the model's: the same labels, and for each modality the model uses
+    (`used`, default: every one of its training data) that the data has, the same features (image
+    size, mel bins/frames, max tokens, vocabulary, and the same tokenizer: the same token ids). A
+    modality the model has no encoder for is ignored; one the data lacks is missing."""
     if data_spec["labels"] != spec["labels"]:
         raise ValueError(f"{data_dir} has other labels than the model in {run_dir} was trained on")
+    if used is not None and not used & set(data_spec["features"]):  # every sample "none": the model could only guess
+        raise ValueError(f"{data_dir} has none of the modalities the model in {run_dir} uses ({', '.join(sorted(used))}; "
+                         f"the data has {', '.join(sorted(data_spec['features'])) or 'none'})")
     for modality, theirs in sorted(spec["features"].items()):
         ours = data_spec["features"].get(modality)
-        if ours is None:
+        if ours is None or (used is not None and modality not in used):
             continue
         differ = sorted(k for k in set(ours) | set(theirs) if k not in _FREE and ours.get(k) != theirs.get(k))
         if differ:
             raise ValueError(f"{data_dir} was prepared with other {modality} features than the model in {run_dir} "
-                             f"({', '.join(f'{k} {ours.get(k)} vs {theirs.get(k)}' for k in differ)})")
+                             f"({', '.join(f'{k} {ours.get(k)}, the model: {theirs.get(k)}' for k in differ)})")
         if modality == "text" and _tokenizer_sha(data_dir) != _tokenizer_sha(run_dir):
             raise ValueError(f"{data_dir} has another tokenizer than the model in {run_dir} was trained with (other token ids)")
 
@@ -135,12 +140,14 @@ def evaluate(data_dir: str, run_dir: str, output_json: str, cfg: EvaluateConfig)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, prep, spec = load_run(run_dir, device)
     data_spec = D.load_spec(data_dir)
-    check_compatible(spec, data_spec, run_dir, data_dir)
+    used = {m for m, active in zip(MODALITIES, model.active, strict=True) if active}
+    check_compatible(spec, data_spec, run_dir, data_dir, used)
     if not data_spec["splits"].get(cfg.split, {}).get("samples"):
         raise ValueError(f"{data_dir}: the {cfg.split} split has no samples (evaluate.split picks another)")
     urls = D.shard_urls(data_dir, data_spec, cfg.split)
     # the model's features; a modality the model has no encoder for is read as the data has it (and unused)
-    shapes = D.Shapes.from_spec({"features": {**data_spec["features"], **spec["features"]}})
+    shapes = D.Shapes.from_spec({"features": {**data_spec["features"],
+                                              **{m: f for m, f in spec["features"].items() if m in used}}})
     names = spec["labels"]
     total = -(-data_spec["splits"][cfg.split]["samples"] // cfg.batch_size)
     stream = _shown(D.EvalStream(urls, shapes, cfg.batch_size, data_spec.get("shards")), total, f"[evaluate] {cfg.split}")

@@ -137,11 +137,14 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
     last_path = os.path.join(run_dir, "checkpoints", "last.pt")
     dataset = hashlib.sha256(D.read_bytes(data_dir, "dataset.json")).hexdigest()  # what the run trains on
+    summary = _data_summary(spec)  # and its parts, to say what differs when resumed on other data
     if os.path.exists(last_path):
         ckpt = load_checkpoint(last_path)
         _check_same_run(ckpt.get("config", {}), cfg, last_path)
         if ckpt.get("dataset", dataset) != dataset:
-            raise ValueError(f"{last_path} was trained on other data ({data_dir}/dataset.json differs): use a new --output or delete it")
+            differs = _data_differs(ckpt.get("data_summary"), summary)
+            raise ValueError(f"{last_path} was trained on other data ({data_dir}/dataset.json differs"
+                             f"{f', run vs data: {differs}' if differs else ''}): use a new --output or delete it")
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as err:  # a checkpoint from before the dataset was recorded, made on other data
@@ -213,7 +216,7 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
                 # the epoch is not done until validated (the checkpoint after it): a run stopped in
                 # between resumes here, skips the epoch's batches and validates it
                 _checkpoint(last_path, model, optimizer, scheduler, step, epoch, best, world, main, asdict(cfg), history,
-                            [float(timer["loss"]), timer["n"]], dataset)
+                            [float(timer["loss"]), timer["n"]], (dataset, summary))
             if step >= total:
                 break
         if bar is not None:
@@ -235,7 +238,7 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
             if val_acc > best or math.isnan(val_acc):
                 best = val_acc if not math.isnan(val_acc) else best
                 save_atomic({"model": model.state_dict()}, os.path.join(run_dir, "checkpoints", "best.pt"))
-        _checkpoint(last_path, model, optimizer, scheduler, step, epoch + 1, best, world, main, asdict(cfg), history, [0.0, 0], dataset)
+        _checkpoint(last_path, model, optimizer, scheduler, step, epoch + 1, best, world, main, asdict(cfg), history, [0.0, 0], (dataset, summary))
         if step >= total:
             break
 
@@ -328,6 +331,41 @@ def _check_same_run(saved: dict[str, Any], cfg: TrainConfig, path: str) -> None:
         raise ValueError(f"{path} was written with other train params ({', '.join(changed)}): use a new --output or delete it")
 
 
+def _data_summary(spec: dict[str, Any]) -> dict[str, Any]:
+    """What `dataset.json` says of the data, small enough for every checkpoint: the labels, each
+    modality's features (statistics as a digest), the samples per split and a digest of the shards."""
+    def digest(value: Any) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+    features = {m: {k: (digest(v) if k in ("mean", "std") else v) for k, v in f.items()} for m, f in spec["features"].items()}
+    return {"labels": list(spec["labels"]), "features": features,
+            "samples": {split: s["samples"] for split, s in spec["splits"].items()},
+            "shards": digest([spec.get("shards"), {split: s.get("shards") for split, s in spec["splits"].items()}])}
+
+
+def _data_differs(saved: dict[str, Any] | None, now: dict[str, Any]) -> str:
+    """A few words on what differs between two `_data_summary`s ("image size 32 vs 64"), saved first;
+    empty for a checkpoint from before the summary was recorded."""
+    if not saved:
+        return ""
+    out = []
+    if saved["labels"] != now["labels"]:
+        out.append(f"labels ({len(saved['labels'])} vs {len(now['labels'])})" if len(saved["labels"]) != len(now["labels"])
+                   else "labels")
+    for m in sorted(set(saved["features"]) | set(now["features"])):
+        a, b = saved["features"].get(m), now["features"].get(m)
+        if a is None or b is None:
+            out.append(f"{m} {'absent' if a is None else 'present'} vs {'present' if a is None else 'absent'}")
+            continue
+        out += [f"{m} {k}" if k in ("mean", "std") else f"{m} {k} {a.get(k)} vs {b.get(k)}"
+                for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    out += [f"{split} samples {saved['samples'].get(split, 0)} vs {now['samples'].get(split, 0)}"
+            for split in sorted(set(saved["samples"]) | set(now["samples"])) if saved["samples"].get(split, 0) != now["samples"].get(split, 0)]
+    if not out and saved["shards"] != now["shards"]:
+        out.append("the shards")
+    return ", ".join(out) or "other fields (counts, params or versions)"
+
+
 def _checkpoint(path, model, optimizer, scheduler, step, epoch, best, world, main, config, history, partial, dataset) -> None:
     """Every rank's RNG state goes into the one checkpoint written by rank 0, and the per-epoch
     history so far (a resumed run's train_config.json and curves cover every epoch)."""
@@ -339,7 +377,7 @@ def _checkpoint(path, model, optimizer, scheduler, step, epoch, best, world, mai
     if main:
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "step": step, "epoch": epoch, "best": best, "rng": state, "config": config, "history": history,
-                     "partial": partial, "dataset": dataset}, path)
+                     "partial": partial, "dataset": dataset[0], "data_summary": dataset[1]}, path)
 
 
 def _account(speed: dict, timer: dict, first: bool, cuda: bool) -> None:

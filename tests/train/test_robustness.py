@@ -34,20 +34,22 @@ def _sha(path: Path) -> bytes:
     return hashlib.sha256(path.read_bytes()).digest()
 
 
-def test_a_run_stopped_between_an_epochs_last_step_and_its_validation_resumes_with_that_epochs_metrics(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("killed_in", [1, 2])  # epoch 1's validation, and the last epoch's (after step == total)
+def test_a_run_stopped_between_an_epochs_last_step_and_its_validation_resumes_with_that_epochs_metrics(tiny, tmp_path, monkeypatch,
+                                                                                                       killed_in):
     train(str(tiny), str(tmp_path / "straight"), FAST, live_dir=str(tmp_path / "live-straight"))
     original, calls = recipe.validate, {"n": 0}
 
-    def killed_in_first_validation(*args, **kwargs):
+    def killed_in_validation(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 1:
+        if calls["n"] == killed_in:
             raise KeyboardInterrupt("simulated kill")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(recipe, "validate", killed_in_first_validation)
+    monkeypatch.setattr(recipe, "validate", killed_in_validation)
     with pytest.raises(KeyboardInterrupt):
         train(str(tiny), str(tmp_path / "resumed"), FAST, live_dir=str(tmp_path / "live-resumed"))
-    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)["step"] == 12
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)["step"] == 12 * killed_in
     train(str(tiny), str(tmp_path / "resumed"), FAST, live_dir=str(tmp_path / "live-resumed"))
     history = [json.loads((tmp_path / run / "train_config.json").read_text())["history"] for run in ("straight", "resumed")]
     assert [h["epoch"] for h in history[1]] == [1, 2] and history[0] == history[1]
@@ -57,17 +59,32 @@ def test_a_run_stopped_between_an_epochs_last_step_and_its_validation_resumes_wi
         rows = (tmp_path / live / "plots" / "metrics" / "train" / "train_loss.tsv").read_text().splitlines()
         assert len(rows) == 3, rows
     assert json.loads((tmp_path / "live-straight" / "metrics.json").read_text()) == json.loads((tmp_path / "live-resumed" / "metrics.json").read_text())
-    # the same run directory with another loader worker count: the sample stream would differ
-    with pytest.raises(ValueError, match=r"other train params \(num_workers\)"):
-        train(str(tiny), str(tmp_path / "resumed"), replace(FAST, num_workers=2))
+
+
+def test_a_run_resumed_with_another_loader_worker_count_is_refused(tiny, tmp_path):
+    run = tmp_path / "run"
+    train(str(tiny), str(run), replace(FAST, epochs=1, max_steps=3))
+    # the loader's workers deal the shards: another worker count is another sample stream
+    with pytest.raises(ValueError, match=r"other train params \(num_workers\): use a new --output"):
+        train(str(tiny), str(run), replace(FAST, epochs=1, num_workers=2))
 
 
 def test_a_run_directory_resumed_on_other_data_is_refused_in_one_line(tiny, tmp_path):
     run = tmp_path / "run"
-    train(str(tiny), str(run), replace(FAST, epochs=1))
-    other = write_tiny_dataset(tmp_path / "other", seed=1)
-    with pytest.raises(ValueError, match=r"was trained on other data \(.*dataset.json differs\): use a new --output"):
+    train(str(tiny), str(run), replace(FAST, epochs=1, max_steps=3))
+    other = write_tiny_dataset(tmp_path / "other", seed=1)  # the same shapes: it would load and go on silently
+    with pytest.raises(ValueError, match=r"was trained on other data \(.*other/dataset.json differs, run vs data: the shards\): "
+                                         r"use a new --output"):
         train(str(other), str(run), replace(FAST, epochs=1))
+    smaller = write_tiny_dataset(tmp_path / "smaller", per_split={"train": 96, "val": 64, "test": 64})
+    with pytest.raises(ValueError, match=r"run vs data: train samples 384 vs 96\)"):
+        train(str(smaller), str(run), replace(FAST, epochs=1))
+    size = _edited(tiny, tmp_path / "size", lambda s: s["features"]["image"].update(size=64))  # load_state_dict's RuntimeError before
+    with pytest.raises(ValueError, match=r"run vs data: image size 32 vs 64\): use a new --output or delete it$"):
+        train(str(size), str(run), replace(FAST, epochs=1))
+    no_text = write_tiny_dataset(tmp_path / "no_text", missing={"text": 1.0})
+    with pytest.raises(ValueError, match=r"run vs data: text present vs absent\)"):
+        train(str(no_text), str(run), replace(FAST, epochs=1))
 
 
 def _edited(src: Path, dst: Path, edit) -> Path:
@@ -109,6 +126,40 @@ def test_a_model_without_some_modalities_evaluates_on_data_that_has_them(tmp_pat
     assert metrics["samples"] == 64 and set(metrics["by_presence"]) == {"image"}
 
 
+def test_a_model_that_does_not_use_a_modality_ignores_its_features_in_the_data(tiny, tmp_path):
+    run = tmp_path / "run"
+    train(str(tiny), str(run), replace(FAST, epochs=1, modalities=("image", "audio")))  # the data has text; the model no encoder
+    out = str(tmp_path / "m.json")
+    vocab = _edited(tiny, tmp_path / "vocab", lambda s: s["features"]["text"].update(vocab_size=99, max_tokens=4))
+    (vocab / "tokenizer.model").write_bytes(b"another model")
+    metrics = evaluate(str(vocab), str(run), out, EvaluateConfig())
+    assert metrics["samples"] == 64 and set(metrics["by_presence"]) == {"image+audio"}
+    mel = _edited(tiny, tmp_path / "mel", lambda s: s["features"]["audio"].update(frames=40))  # one it uses: refused
+    with pytest.raises(ValueError, match=r"other audio features than the model .*\(frames 40, the model: 20\)"):
+        evaluate(str(mel), str(run), out, EvaluateConfig())
+    text_only = write_tiny_dataset(tmp_path / "text_only", missing={"image": 1.0, "audio": 1.0})
+    with pytest.raises(ValueError, match=r"has none of the modalities the model in .* uses \(audio, image; the data has text\)"):
+        evaluate(str(text_only), str(run), out, EvaluateConfig())
+
+
+def test_evaluate_on_an_empty_split_is_one_line_and_a_failure(tiny, tmp_path, capsys):
+    from mmprep.cli import main as cli
+
+    run = tmp_path / "run"
+    train(str(tiny), str(run), replace(FAST, epochs=1, max_steps=2))
+    empty = _edited(tiny, tmp_path / "empty", lambda s: s["splits"]["test"].update(samples=0, shards=[]))
+    capsys.readouterr()
+    assert cli(["evaluate", "--data", str(empty), "--model", str(run), "--output", str(tmp_path / "m.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mmprep evaluate: error: ") and str(empty) in err[0], err
+    assert "the test split has no samples" in err[0] and not (tmp_path / "m.json").exists()
+
+
 def test_a_batch_larger_than_the_train_split_is_refused(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"train.batch_size 1000 is more than the 384 samples"):
         train(str(tiny), str(tmp_path / "run"), replace(FAST, batch_size=1000))
+    from train.data import make_loader  # the loader for your own loop refuses it too
+
+    with pytest.raises(ValueError, match=r"batch_size 200 x 2 ranks is more than the 384 samples of the train split"):
+        make_loader(str(tiny), batch_size=200, world=2)
+    assert [len(b["keys"]) for b in make_loader(str(tiny), batch_size=384)] == [384]  # the whole split: one batch
