@@ -137,6 +137,7 @@ def _tokenizer_sha(directory: str) -> str | None:
 
 
 def evaluate(data_dir: str, run_dir: str, output_json: str, cfg: EvaluateConfig) -> dict[str, Any]:
+    _check_writable(output_json)  # before the evaluation, not after it
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, prep, spec = load_run(run_dir, device)
     data_spec = D.load_spec(data_dir)
@@ -164,7 +165,6 @@ def evaluate(data_dir: str, run_dir: str, output_json: str, cfg: EvaluateConfig)
     }
     metrics["ablation"] = {name: {"accuracy": acc, "samples": n, "without_modality": without}
                            for name, (acc, n, without) in ablation(pred).items()}
-    os.makedirs(os.path.dirname(os.path.abspath(output_json)), exist_ok=True)
     tmp = f"{output_json}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=1)
@@ -173,6 +173,20 @@ def evaluate(data_dir: str, run_dir: str, output_json: str, cfg: EvaluateConfig)
     confusion = plot_confusion(np.array(metrics["confusion_matrix"]), names, base + "_confusion.png")
     write_html(metrics, run_dir, data_dir, confusion, base + ".html")
     return metrics
+
+
+def _check_writable(output_json: str) -> None:
+    """The metrics file's directory exists (made) and takes a file: a bad --output fails at once."""
+    tmp = f"{output_json}.tmp"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(output_json)), exist_ok=True)
+        if os.path.isdir(output_json):
+            raise IsADirectoryError(f"{output_json} is a directory")
+        with open(tmp, "w", encoding="utf-8"):
+            pass
+        os.remove(tmp)
+    except OSError as e:
+        raise ValueError(f"--output {output_json}: cannot write there ({e.strerror or e})") from None
 
 
 def _shown(batches, total: int, desc: str):

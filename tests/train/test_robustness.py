@@ -163,3 +163,20 @@ def test_a_batch_larger_than_the_train_split_is_refused(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"batch_size 200 x 2 ranks is more than the 384 samples of the train split"):
         make_loader(str(tiny), batch_size=200, world=2)
     assert [len(b["keys"]) for b in make_loader(str(tiny), batch_size=384)] == [384]  # the whole split: one batch
+
+
+def test_evaluate_to_an_unwritable_output_fails_before_evaluating(tiny, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(str(tiny), str(run), replace(FAST, epochs=1, max_steps=2))
+    from train import evaluate as ev
+
+    evaluated = []
+    monkeypatch.setattr(ev, "predictions", lambda *a, **k: evaluated.append(1))
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ValueError, match=r"--output .*m\.json: cannot write there"):
+        evaluate(str(tiny), str(run), str(blocker / "m.json"), EvaluateConfig())
+    (tmp_path / "dir.json").mkdir()
+    with pytest.raises(ValueError, match=r"dir\.json is a directory"):
+        evaluate(str(tiny), str(run), str(tmp_path / "dir.json"), EvaluateConfig())
+    assert not evaluated and not list(tmp_path.glob("**/*.tmp"))
