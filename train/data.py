@@ -135,29 +135,37 @@ def read_shards(urls: list[str], index: dict[str, dict] | None = None) -> Iterat
     the recorded sha256, raises ShardError naming it — a flipped byte in a label is an
     error, not a silently wrong sample."""
     for url in urls:
-        info = (index or {}).get(url.rsplit("/", 1)[-1])
-        if info and not is_remote(url) and os.path.exists(url) and os.path.getsize(url) != info["bytes"]:
-            raise ShardError(f"{url}: {os.path.getsize(url)} bytes but dataset.json records {info['bytes']} (truncated or replaced)")
-        count = 0
+        yield from read_shard(url, index)
+
+
+def read_shard(url: str, index: dict[str, dict] | None = None, span: tuple[int, int] | None = None) -> Iterator[dict[str, Any]]:
+    """One shard's samples (see `read_shards`); with `span=(lo, hi)` only the samples at
+    positions lo ≤ i < hi are decoded and yielded, the shard is still read to its end and checked."""
+    info = (index or {}).get(url.rsplit("/", 1)[-1])
+    if info and not is_remote(url) and os.path.exists(url) and os.path.getsize(url) != info["bytes"]:
+        raise ShardError(f"{url}: {os.path.getsize(url)} bytes but dataset.json records {info['bytes']} (truncated or replaced)")
+    lo, hi = span or (0, None)
+    count = 0
+    try:
+        stream = wds.gopen(url)
+    except Exception as err:
+        raise ShardError(f"{url}: cannot open shard ({type(err).__name__}: {err})") from err
+    with stream:
+        hashed = _Hashed(stream)
         try:
-            stream = wds.gopen(url)
-        except Exception as err:
-            raise ShardError(f"{url}: cannot open shard ({type(err).__name__}: {err})") from err
-        with stream:
-            hashed = _Hashed(stream)
-            try:
-                for raw in group_by_keys(tar_members(hashed, url), handler=_raise):
-                    count += 1
+            for raw in group_by_keys(tar_members(hashed, url), handler=_raise):
+                if lo <= count and (hi is None or count < hi):
                     yield decode_sample(raw)
-                hashed.drain()
-            except ShardError:
-                raise
-            except (ValueError, OSError, EOFError) as err:  # garbage in a header, a failing read
-                raise ShardError(f"{url}: corrupt shard ({type(err).__name__}: {err})") from err
-        if info and count != info["samples"]:
-            raise ShardError(f"{url}: truncated shard, {count} of {info['samples']} samples")
-        if info and "sha256" in info and hashed.sha.hexdigest() != info["sha256"]:
-            raise ShardError(f"{url}: corrupted shard (sha256 differs from dataset.json; `mmprep verify` checks them all)")
+                count += 1
+            hashed.drain()
+        except ShardError:
+            raise
+        except (ValueError, OSError, EOFError) as err:  # garbage in a header, a failing read
+            raise ShardError(f"{url}: corrupt shard ({type(err).__name__}: {err})") from err
+    if info and count != info["samples"]:
+        raise ShardError(f"{url}: truncated shard, {count} of {info['samples']} samples")
+    if info and "sha256" in info and hashed.sha.hexdigest() != info["sha256"]:
+        raise ShardError(f"{url}: corrupted shard (sha256 differs from dataset.json; `mmprep verify` checks them all)")
 
 
 class _Hashed:
@@ -242,9 +250,14 @@ def to_device(batch: dict[str, Any], device: torch.device, non_blocking: bool = 
 class TrainStream(IterableDataset):
     """Exactly `batches` batches per rank per epoch, deterministic in (seed, epoch, rank).
 
-    Shards are shuffled with a seeded RNG and dealt to (rank, worker) slots; with fewer
-    shards than slots every slot reads all shards and keeps every slots-th sample. A slot
-    cycles its shards until its quota is met, so uneven shards never starve a rank.
+    An epoch is one pass over the split: the shards are put in a seeded order, and each
+    (rank, loader worker) slot takes its own contiguous run of that sample sequence, as long
+    as its share of the epoch's batches — no sample twice in an epoch, only the split's last
+    samples of that order (less than one global batch) left out. A slot reads the shards its
+    run touches (those at its edges are shared: both slots read them, each decodes only its
+    samples) and shuffles its run with a buffer of `buffer` samples that empties when the run
+    ends. Without `index` (dataset.json's shard table: the sample counts) a slot gets whole
+    shards and cycles them until its quota is met.
     `skip`: leave out the epoch's first `skip` batches (read, not collated), so a resumed
     epoch yields exactly what the uninterrupted one would from there on."""
 
@@ -255,8 +268,8 @@ class TrainStream(IterableDataset):
         self.seed, self.epoch, self.rank, self.world, self.buffer = seed, epoch, rank, world, buffer
         self.index, self.skip = index, skip
 
-    def _slot(self) -> tuple[int, int, int, int]:
-        """(slot, slots, batches, skipped) of this loader worker.
+    def _slot(self) -> tuple[int, int, int, int, int]:
+        """(slot, slots, batches, skipped, batches of the slots before it) of this loader worker.
 
         The DataLoader takes batches round-robin from workers 0, 1, …, so worker w makes the
         epoch's batches w, w + workers, …. Resuming at batch `skip`, worker w plays worker
@@ -264,11 +277,41 @@ class TrainStream(IterableDataset):
         info = get_worker_info()
         wid, workers = (info.id, info.num_workers) if info else (0, 1)
         wid = (wid + self.skip) % workers
-        mine = self.batches // workers + (wid < self.batches % workers)
-        skipped = self.skip // workers + (wid < self.skip % workers)
-        return self.rank * workers + wid, self.world * workers, mine, skipped
 
-    def _samples(self, slot: int, slots: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+        def share(w: int) -> int:
+            return self.batches // workers + (w < self.batches % workers)
+
+        before = self.rank * self.batches + sum(share(w) for w in range(wid))
+        skipped = self.skip // workers + (wid < self.skip % workers)
+        return self.rank * workers + wid, self.world * workers, share(wid), skipped, before
+
+    def _counts(self) -> list[int] | None:
+        names = [url.rsplit("/", 1)[-1] for url in self.urls]
+        if not self.index or any(name not in self.index for name in names):
+            return None
+        return [int(self.index[name]["samples"]) for name in names]
+
+    def _run(self, start: int, length: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+        """The samples at positions start … start + length of the epoch's sample sequence
+        (the shards in `rng`'s order, each in its own order); past the split's end it goes on
+        from its start (only when asked for more batches than one pass holds)."""
+        counts = self._counts()
+        order = list(range(len(self.urls)))
+        rng.shuffle(order)
+        total = sum(counts[i] for i in order)
+        if total == 0:
+            raise ShardError("the split's shards hold no samples")
+        while length > 0:
+            begin = 0
+            for i in order:
+                lo, hi = max(start - begin, 0), min(start + length - begin, counts[i])
+                if lo < hi:
+                    yield from read_shard(self.urls[i], self.index, (lo, hi))
+                begin += counts[i]
+            length -= max(0, min(total, start + length) - start)
+            start = max(0, start - total)
+
+    def _cycled(self, slot: int, slots: int, rng: random.Random) -> Iterator[dict[str, Any]]:
         urls = list(self.urls)
         rng.shuffle(urls)
         while True:
@@ -281,27 +324,44 @@ class TrainStream(IterableDataset):
             rng.shuffle(urls)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        slot, slots, mine, skipped = self._slot()
+        slot, slots, mine, skipped, before = self._slot()
         rng = random.Random(f"{self.seed}|{self.epoch}|{slot}")
-        buffer: list[dict[str, Any]] = []
+        order_rng = random.Random(f"{self.seed}|{self.epoch}")
+        exact = self._counts() is not None
+        if exact:
+            stream = self._run(before * self.batch_size, mine * self.batch_size, order_rng)
+        else:
+            stream = self._cycled(slot, slots, order_rng)
         batch: list[dict[str, Any]] = []
         done = 0
-        stream = self._samples(slot, slots, random.Random(f"{self.seed}|{self.epoch}"))
-        # webdataset's shuffle: start once `initial` samples are in, then grow the buffer by one
-        # extra sample per draw up to its size, so an epoch's first batch needs no full buffer
-        size = max(1, self.buffer)
-        initial = min(size, self.batch_size)
+        samples = _shuffled(stream, rng, max(1, self.buffer), self.batch_size)
         while done < mine:
-            buffer.append(next(stream))
-            if len(buffer) < size:
-                buffer.append(next(stream))
-            if len(buffer) < initial:
-                continue
-            batch.append(buffer.pop(rng.randrange(len(buffer))))
+            batch.append(next(samples))
             if len(batch) == self.batch_size:
                 if done >= skipped:
                     yield collate(batch, self.shapes)
                 batch, done = [], done + 1
+        if exact:
+            for _ in samples:  # nothing is left: the run's last shard is read to its end (its sha256 checked)
+                pass
+
+
+def _shuffled(stream: Iterator[dict[str, Any]], rng: random.Random, size: int, batch_size: int) -> Iterator[dict[str, Any]]:
+    """webdataset's shuffle: start once `min(size, batch_size)` samples are in, then grow the
+    buffer by one extra sample per draw up to `size`, so an epoch's first batch needs no full
+    buffer; when the stream ends the buffer is drawn empty."""
+    initial = min(size, batch_size)
+    buffer: list[dict[str, Any]] = []
+    for sample in stream:
+        buffer.append(sample)
+        if len(buffer) < size:
+            extra = next(stream, None)
+            if extra is not None:
+                buffer.append(extra)
+        if len(buffer) >= initial:
+            yield buffer.pop(rng.randrange(len(buffer)))
+    while buffer:
+        yield buffer.pop(rng.randrange(len(buffer)))
 
 
 class EvalStream(IterableDataset):

@@ -35,19 +35,25 @@ def tiny(tmp_path_factory) -> Path:
     return write_tiny_dataset(tmp_path_factory.mktemp("tiny"))
 
 
+@pytest.fixture(scope="module")
+def tiny_256_test(tmp_path_factory) -> Path:  # the same train and val samples; a test split large enough for one-modality scores
+    return write_tiny_dataset(tmp_path_factory.mktemp("tiny256"), per_split={"train": 384, "val": 64, "test": 256})
+
+
 @pytest.mark.parametrize("fusion", ["concat", "weighted_sum", "product", "attention"])
-def test_every_fusion_mode_learns_well_above_chance(tiny, tmp_path, fusion):
+def test_every_fusion_mode_learns_well_above_chance(tiny_256_test, tmp_path, fusion):
+    tiny = tiny_256_test
     run = tmp_path / "run"
     train(str(tiny), str(run), replace(FAST, fusion=fusion, text_encoder="gru" if fusion == "product" else "transformer"),
           live_dir=str(tmp_path / "live"))
     metrics = evaluate(str(tiny), str(run), str(tmp_path / "m.json"), EvaluateConfig())
     assert metrics["accuracy"] >= 0.6, metrics["accuracy"]  # chance is 1/8
     assert set(metrics["ablation"]) == {"image_only", "audio_only", "text_only", "video_only"}
-    assert metrics["ablation"].pop("video_only") == {"accuracy": None, "samples": 0, "without_modality": 64}  # no video here
+    assert metrics["ablation"].pop("video_only") == {"accuracy": None, "samples": 0, "without_modality": 256}  # no video here
     assert all(m["accuracy"] < metrics["accuracy"] for m in metrics["ablation"].values())
     # each modality alone carries one bit of three: its ceiling is 0.25 (chance 0.125); a lazy encoder sits at chance
     assert all(m["accuracy"] >= 0.18 for m in metrics["ablation"].values()), metrics["ablation"]
-    assert metrics["by_presence"] == {"image+audio+text": {"accuracy": metrics["accuracy"], "samples": 64}}
+    assert metrics["by_presence"] == {"image+audio+text": {"accuracy": metrics["accuracy"], "samples": 256}}
     # validation's per-modality accuracy is in DVCLive, so a lazy encoder is visible while training
     live = json.loads((tmp_path / "live" / "metrics.json").read_text())
     assert set(live["val"]) == {"accuracy", "image_only", "audio_only", "text_only"}, live
@@ -108,6 +114,22 @@ def test_equal_batches_on_every_rank_even_with_few_uneven_shards(tiny):
     assert counts == [batches, batches]
     with_workers = list(D.loader(D.TrainStream(urls, D.Shapes.from_spec(spec), 40, batches, 0, 0, 0, 4, 16), 2, 0, False))
     assert len(with_workers) == batches
+
+
+@pytest.mark.parametrize("workers,buffer", [(0, 1000), (2, 64), (3, 0)])
+def test_an_epoch_is_one_pass_no_sample_twice_and_ranks_share_nothing(tiny, workers, buffer):
+    from train.data import make_loader
+
+    spec = D.load_spec(str(tiny))
+    n = spec["splits"]["train"]["samples"]  # 384 in 3 shards: uneven shares of shards per slot
+    for epoch in (0, 1):
+        ranks = [[k for b in make_loader(str(tiny), batch_size=40, epoch=epoch, rank=r, world=2, num_workers=workers,
+                                         shuffle_buffer=buffer) for k in b["keys"]] for r in range(2)]
+        keys = ranks[0] + ranks[1]
+        assert len(ranks[0]) == len(ranks[1]) == 40 * (n // 80)
+        assert len(set(keys)) == len(keys), f"{len(keys) - len(set(keys))} samples twice in epoch {epoch}"
+    one = [k for b in make_loader(str(tiny), batch_size=32, num_workers=workers, shuffle_buffer=buffer) for k in b["keys"]]
+    assert sorted(one) == sorted(s["key"] for s in D.read_shards(D.shard_urls(str(tiny), spec, "train")))  # 384 = 12 x 32: all
 
 
 @pytest.mark.slow
