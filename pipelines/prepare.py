@@ -200,6 +200,35 @@ def _check_writable(directory: str, flag: str) -> None:
         raise InputError(f"{flag} {directory}: not a writable directory ({err.strerror or err})") from None
 
 
+def _check_apart(kind: str, src: str, out: str) -> None:
+    """The output must neither be nor hold nor sit inside the input: prepare deletes and
+    rewrites files in its output (shards of other runs, tables, dataset.json), and a later run
+    would read its own output as input rows."""
+    from pipelines.read import expand_paths
+
+    inputs = expand_paths(src) if kind in ("webdataset", "parquet") and ("," in src or "{" in src) else [src]
+    if not is_local(out) or not all(is_local(p) for p in inputs):
+        return
+    where = os.path.realpath(out)
+    for path in inputs:
+        path = os.path.realpath(path)
+        if os.path.commonpath([where, path]) in (where, path):
+            inside = "holds" if path.startswith(where + os.sep) else "is inside" if where != path else "is"
+            raise InputError(f"--output {out} {inside} the input {path}: write the prepared data to a directory apart from the "
+                             "input (prepare deletes and rewrites files in its output)")
+
+
+def _check_runner(options: PipelineOptions) -> None:
+    """An unknown --runner is a one-line error before any work (the output is left as it is)."""
+    from apache_beam.runners.runner import create_runner
+
+    runner = options.view_as(StandardOptions).runner
+    try:
+        create_runner(runner)
+    except (ValueError, ImportError) as err:
+        raise InputError(f"--runner {runner}: {str(err).splitlines()[0]}") from None
+
+
 DONE_NOTE = "the output has no dataset.json; run again once fixed"
 
 
@@ -210,6 +239,8 @@ def run(argv: list[str] | None = None) -> int:
     kind, src = resolve_input(args.input)
     out = args.output.rstrip("/")
     options = pipeline_options(beam_args, args.workers)
+    _check_apart(kind, src, out)
+    _check_runner(options)
     _check_writable(out, "--output")
     if not FileSystems.exists(out):
         FileSystems.mkdirs(out)

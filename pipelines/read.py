@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import stat
 import tarfile
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -470,6 +471,11 @@ def _plan_tar(path: str, name: str, order: int, per: int) -> list[Segment]:
 
 def _plan_directory(src: str, per: int) -> Plan:
     paths = [m.path for m in FileSystems.match([f"{src}/**"])[0].metadata_list]
+    if "://" not in src:  # Beam's listing leaves out a symlink to nothing: its row is a missing_file reject, not lost
+        listed = set(paths)
+        for root, _, names in os.walk(src):
+            paths += [p for p in (os.path.join(root, n) for n in names) if p not in listed and os.path.islink(p)
+                      and not os.path.exists(p)]
     groups = list(group_directory(paths, src))
     ranges = [
         Range("directory", src, i, i + len(groups[i : i + per]), i + 1, i, tuple(groups[i : i + per]))
@@ -636,7 +642,15 @@ def _read_bytes(path: str, max_bytes: int) -> bytes | RecordError:
     directly (Beam's FileSystems costs ~100 µs per file there); URIs go through it."""
     if "://" not in path:
         try:
-            with open(path, "rb") as f:
+            # non-blocking: opening a FIFO would wait for a writer forever; anything but a
+            # regular file (FIFO, socket, device) is refused before a byte is read
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            with open(fd, "rb") as f:
+                mode = os.fstat(fd).st_mode
+                if not stat.S_ISREG(mode):
+                    kind = "directory" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "device" if (
+                        stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) else "socket" if stat.S_ISSOCK(mode) else "special file"
+                    return RecordError("unreadable_file", f"{path}: not a regular file (a {kind})")
                 data = _read_local(f, max_bytes)
         except FileNotFoundError:
             return RecordError("missing_file", path)

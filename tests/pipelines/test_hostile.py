@@ -362,3 +362,51 @@ def test_a_manifest_in_utf16_is_a_one_line_error(tmp_path, capsys):
         code = prepare_main(["--input", str(tmp_path / name), "--output", str(tmp_path / "out"), "--params", str(PARAMS)])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and "encoded; convert it to UTF-8" in err[-1] and err[-1].startswith("mmprep prepare: error: --input")
+
+
+def test_a_fifo_a_dangling_symlink_and_a_directory_as_media_are_rejects_not_hangs(tmp_path):
+    import os
+
+    src = tmp_path / "src" / "cat"
+    src.mkdir(parents=True)
+    for i in range(4):
+        (src / f"c{i}.png").write_bytes(png(np.random.default_rng(i)))
+    os.mkfifo(src / "pipe.png")  # opening it for reading would wait for a writer forever
+    (src / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "dir.png").mkdir()
+    manifest = write_manifest(tmp_path, [j(id="fifo", image=str(src / "pipe.png")), j(id="dir", image=str(tmp_path / "dir.png")),
+                                         j(id="ok", image=str(src / "c0.png"))])
+    for given, expected in ((src.parent, {"cat/pipe": "unreadable_file", "cat/gone": "missing_file"}),
+                            (manifest, {"fifo": "unreadable_file", "dir": "unreadable_file"})):
+        _, rejects, dataset = prepare(given, tmp_path / f"out-{given.name}", params_with(tmp_path, max_reject_ratio=0.9))
+        assert {r["id"]: r["reason"] for r in rejects} == expected
+        assert dataset["counts"]["input_rows"] == dataset["counts"]["kept"] + len(expected)
+        assert any("not a regular file (a FIFO)" in r["detail"] for r in rejects)
+
+
+def test_an_output_that_is_holds_or_sits_in_the_input_is_refused_before_any_work(tmp_path, capsys):
+    src = tmp_path / "src" / "cat"
+    src.mkdir(parents=True)
+    for i in range(3):
+        (src / f"c{i}.png").write_bytes(png(np.random.default_rng(i)))
+    (tmp_path / "lists").mkdir()
+    manifest = write_manifest(tmp_path / "lists", [j(id=f"r{i}", image=str(src / f"c{i}.png"), label="cat") for i in range(3)])
+    for given, out, word in ((src.parent, src.parent / "out", "is inside"), (src.parent, src.parent, "is"),
+                             (manifest, tmp_path / "lists", "holds"), (manifest, tmp_path, "holds")):
+        assert prepare_main(["--input", str(given), "--output", str(out), "--params", str(PARAMS)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--output {out} {word} the input" in err[0], err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(["src", "cat", "c0.png", "c1.png", "c2.png", "lists",
+                                                                   "manifest.jsonl"])  # nothing written anywhere
+
+
+def test_an_unknown_runner_is_one_line_and_leaves_the_output_as_it_was(tmp_path, capsys):
+    manifest = write_manifest(tmp_path, [j(id=f"r{i}", text=f"caption number {i}", label="x") for i in range(4)])
+    out = tmp_path / "out"
+    prepare(manifest, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert prepare_main(["--input", str(manifest), "--output", str(out), "--params", str(PARAMS), "--runner", "FnApiRuner"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mmprep prepare: error: --runner FnApiRuner: Unexpected pipeline runner"), err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
