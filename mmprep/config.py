@@ -137,7 +137,15 @@ class LabelConfig:
                 re.compile(rule.pattern)
             except re.error as err:
                 raise ConfigError(f"prepare.label.rules[{i}].pattern: invalid regex: {err}") from None
-        _check(len(set(self.labels)) == len(self.labels), "prepare.label.labels", "has repeated labels")
+        from mmprep.labels import normalize_label
+
+        seen: dict[str, str] = {}
+        for raw in self.labels:
+            name = normalize_label(raw, self.case)
+            _check(name is not None, "prepare.label.labels", f"{raw!r} is empty once normalized (a class no row can have)")
+            _check(name not in seen, "prepare.label.labels", f"{seen.get(name)!r} and {raw!r} are the same label once normalized "
+                   f"({name!r}; label.case: {self.case})" if seen.get(name) != raw else f"has {raw!r} twice")
+            seen[name] = raw
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,14 @@ from mmprep.records import RecordError
 
 
 def normalize_label(raw: str | None, case: str) -> str | None:
-    """NFKC, whitespace collapsed and stripped, lower-cased when case == "lower"; blank → None."""
+    """NFKC, the invisible layout characters text normalization drops (zero-width space, bidi
+    marks, controls …) dropped, whitespace collapsed and stripped, lower-cased when case ==
+    "lower"; blank → None."""
     if raw is None:
         return None
-    label = " ".join(unicodedata.normalize("NFKC", raw).split())
+    from mmprep.text import drop_invisible
+
+    label = " ".join(drop_invisible(unicodedata.normalize("NFKC", raw)).split())
     if case == "lower":
         label = label.lower()
     return label or None

@@ -122,6 +122,8 @@ def parse_record(obj: dict[str, Any], source: str, order: int, base: str, empty_
             return read_reject(source, order, "bad_field", f"'{name}' is not valid UTF-8", sample_id)
         elif isinstance(value, str) or (name == "label" and isinstance(value, int) and not isinstance(value, bool)):
             fields[name] = str(value)
+        elif name == "label" and isinstance(value, float) and value.is_integer():
+            fields[name] = str(int(value))  # 3.0: an integer label column with nulls, as pandas writes it (float64)
         else:
             detail = f"'{name}' must be a string, got {type(value).__name__}"
             return read_reject(source, order, "bad_field", detail, sample_id)

@@ -189,14 +189,18 @@ def _link_phash(column: tuple[np.ndarray, np.ndarray], cfg: PrepareConfig, uf: _
             active = active[later[active] >= k]
     pairs = np.unique(np.concatenate(found), axis=None if packed else 0)  # sorted: closest pairs first
     del found
-    refused = 0
+    refused, samples = 0, set()  # refused pairs, and the samples they join
     mask = (1 << span) - 1
     for start in range(0, len(pairs), 4096):  # a few pairs as Python ints at a time
         chunk = pairs[start : start + 4096]
         firsts, seconds = ((chunk >> span) & mask, chunk & mask) if packed else (chunk[:, 1], chunk[:, 2])
-        refused += sum(not uf.union(i, j) for i, j in zip(firsts.tolist(), seconds.tolist(), strict=True))
+        for i, j in zip(firsts.tolist(), seconds.tolist(), strict=True):
+            if not uf.union(i, j):
+                refused += 1
+                samples.update((i, j))
     if refused:
-        ignored.append({"modality": f"{modality}_phash", "hash": "", "samples": refused, "why": "neighbour links refused: they would glue a too-large group"})
+        ignored.append({"modality": f"{modality}_phash", "hash": "", "samples": len(samples), "pairs": refused,
+                        "why": "neighbour links refused: they would glue a too-large group"})
 
 
 def _salted(salt: str, text: str) -> int:

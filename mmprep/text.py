@@ -42,6 +42,12 @@ def decode_text(value: str | bytes) -> str:
     return value
 
 
+def drop_invisible(text: str) -> str:
+    """Whitespace runs (controls such as tab and newline included) become one space, then the
+    invisible layout characters (`_DROP_RANGES`) and noncharacters are dropped."""
+    return _NONCHAR_RE.sub("", _DROP_RE.sub("", _SPACE_RE.sub(" ", text)))
+
+
 def normalize_text(text: str, max_chars: int) -> tuple[str, bool]:
     """HTML entities unescaped, NFKC, invisible layout characters dropped (`_DROP_RANGES`),
     whitespace collapsed; truncated (never rejected) past max_chars. Returns (text, truncated).
@@ -53,8 +59,7 @@ def normalize_text(text: str, max_chars: int) -> tuple[str, bool]:
     if cut:
         text = text[: RAW_FACTOR * max_chars + 64]
     text = unicodedata.normalize("NFKC", html.unescape(text))
-    text = _NONCHAR_RE.sub("", _DROP_RE.sub("", _SPACE_RE.sub(" ", text)))  # whitespace controls become spaces first
-    text = _SPACE_RE.sub(" ", text).strip()
+    text = _SPACE_RE.sub(" ", drop_invisible(text)).strip()
     if not text.strip("\u200c\u200d\ufe0e\ufe0f"):
         raise RecordError("text_empty", "empty after normalization")
     if len(text) > max_chars:

@@ -85,6 +85,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="-v: Beam's and the libraries' logs too; -vv: debug logs (Beam's workers too)")
     args, beam_args = parser.parse_known_args(argv)
+    if args.no_cache and args.cache is not None:
+        raise InputError("--cache and --no-cache exclude each other: give one")
     unknown = unknown_flags(beam_args)
     if unknown:
         raise InputError(f"unknown option {unknown[0]}{suggest(unknown[0], parser.known_flags(), beam_flags())} "

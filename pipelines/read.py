@@ -301,6 +301,11 @@ def _plan_csv(path: str, per: int) -> Plan:
         repeated = sorted({name for name in header if header.count(name) > 1})
         if repeated:
             raise InputError(f"--input {path}: column {repeated[0]!r} appears more than once in the header")
+        if "id" not in header:  # every row would be a missing_id reject
+            shown = ", ".join(repr(h) for h in header[:6]) + (", …" if len(header) > 6 else "")
+            other = next((sep for sep in (";", "\t", "|") if len(header) == 1 and sep in header[0]), None)
+            hint = f" (one column holding {other!r}: mmprep reads comma-separated CSV)" if other else ""
+            raise InputError(f"--input {path}: the header has no 'id' column (it has {shown}){hint}")
         offset += size
         start, line, first, count, lines = offset, header_lines + 1, 0, 0, header_lines
         for fields, used, size, _ in records:

@@ -96,6 +96,8 @@ def test_near_pairs_packed_or_not_give_the_same_split(monkeypatch):
     assert packed.split_of == unpacked.split_of and packed.group_of == unpacked.group_of
     assert packed.ignored_links == unpacked.ignored_links and packed.ignored_links  # some links were refused
     assert packed.groups < len(items) - 100  # near copies were grouped
+    refused = next(link for link in packed.ignored_links if link["modality"] == "image_phash")
+    assert 2 <= refused["samples"] <= min(len(items), 2 * refused["pairs"])  # samples, not pairs
 
 
 @pytest.mark.parametrize("d", [0, 1, 4, 6, 8, 12])

@@ -67,3 +67,16 @@ def test_directory_groups_by_stem_and_labels_from_the_folder():
     assert directory_row("cat/003", groups["cat/003"], 2, "cat/003.csv").reason == "no_modality"
     two = directory_row("d/1", {"image": ["/c/d/1.jpg", "/c/d/1.png"]}, 3, "d/1.jpg")
     assert two.reason == "bad_field" and "several image files" in two.detail
+
+
+def test_an_integral_float_label_is_that_integer_and_invisible_characters_do_not_make_a_class():
+    from mmprep.config import LabelConfig
+    from mmprep.labels import resolve_label
+
+    rows = [parse_record({"id": "a", "text": "t", "label": v}, "m:1", 0, ".") for v in (3.0, 3, "3")]
+    assert [r.label for r in rows] == ["3", "3", "3"]  # pandas writes an int column with nulls as float64
+    assert isinstance(parse_record({"id": "a", "text": "t", "label": 2.5}, "m:1", 0, "."), Reject)
+    assert parse_record({"id": "a", "text": "t", "label": float("nan")}, "m:1", 0, ".").label is None
+    cfg = LabelConfig()
+    assert {resolve_label(x, None, cfg)[0] for x in ("Cat", "cat\u200b", " cat ", "\u202acat\u202c", "CAT\u00ad")} == {"cat"}
+    assert resolve_label("big\tcat", None, cfg)[0] == "big cat"  # a tab is a space, not dropped

@@ -410,3 +410,16 @@ def test_an_unknown_runner_is_one_line_and_leaves_the_output_as_it_was(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mmprep prepare: error: --runner FnApiRuner: Unexpected pipeline runner"), err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_a_csv_without_an_id_column_and_cache_with_no_cache_are_one_line_errors(tmp_path, capsys):
+    (tmp_path / "semi.csv").write_text("id;text;label\na;a caption;x\n")
+    (tmp_path / "noid.csv").write_text("name,text\na,a caption\n")
+    for name, expected in (("semi.csv", "the header has no 'id' column (it has 'id;text;label') (one column holding ';'"),
+                           ("noid.csv", "the header has no 'id' column (it has 'name', 'text')")):
+        assert prepare_main(["--input", str(tmp_path / name), "--output", str(tmp_path / "out"), "--params", str(PARAMS)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], err
+    assert prepare_main(["--input", str(tmp_path / "noid.csv"), "--output", str(tmp_path / "out"), "--no-cache", "--cache",
+                         str(tmp_path / "c")]) == 2
+    assert "--cache and --no-cache exclude each other" in capsys.readouterr().err
