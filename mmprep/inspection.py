@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter, defaultdict
 
 import pyarrow.parquet as pq
 
-from mmprep.shards import SPLITS, iter_shard, load_npy
+from mmprep.shards import SPLITS, iter_shard, load_npy, parse_dataset_json
 
 
 def inspect_dataset(out: str, examples: int = 3) -> str:
     done = os.path.join(out, "dataset.json")
     if not os.path.isfile(done):
         raise FileNotFoundError(f"{done} not found: not a complete prepared dataset (run mmprep prepare)")
-    with open(done, encoding="utf-8") as f:
-        ds = json.load(f)
+    with open(done, "rb") as f:
+        ds = parse_dataset_json(f.read(), done)
     manifest = pq.read_table(os.path.join(out, "manifest.parquet")).to_pylist()
     rejects = pq.read_table(os.path.join(out, "rejects.parquet")).to_pylist()
     lines = [f"{out}: {len(manifest)} samples kept, {len(rejects)} rejected of {ds['counts']['input_rows']} input rows"]

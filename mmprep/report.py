@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from mmprep.shards import FIELDS, SPLITS, load_npy, tar_entries
+from mmprep.shards import FIELDS, SPLITS, load_npy, parse_dataset_json, tar_entries
 from mmprep.webpage import Raw, bars, cards, esc, histogram, img, page, pyplot, table
 
 UNK_ID = 1  # mmprep.tokenizer: pad 0, unknown 1
@@ -37,8 +37,8 @@ def build_report(data: str, output: str | None = None, per_label: int = 3, max_l
     done = os.path.join(data, "dataset.json")
     if not os.path.isfile(done):
         raise FileNotFoundError(f"{done} not found: not a complete prepared dataset (run mmprep prepare)")
-    with open(done, encoding="utf-8") as f:
-        ds = json.load(f)
+    with open(done, "rb") as f:
+        ds = parse_dataset_json(f.read(), done)
     path = os.path.join(data, "manifest.parquet")
     names = pq.read_schema(path).names
     missing = [c for c in ("key", "split", "label") if c not in names]

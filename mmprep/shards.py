@@ -47,6 +47,17 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return header + array.tobytes()
 
 
+def parse_dataset_json(data: bytes | str, where: str) -> dict[str, Any]:
+    """dataset.json's bytes → its dict; a damaged file is a ValueError naming it."""
+    try:
+        spec = json.loads(data)
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{where}: not valid JSON ({err}); run mmprep prepare again to rewrite it") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where}: not an mmprep dataset.json (no JSON object); run mmprep prepare again to rewrite it")
+    return spec
+
+
 def dumps_json(obj: Any) -> bytes:
     """Canonical JSON bytes: sorted keys, no whitespace variance, UTF-8."""
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

@@ -131,3 +131,15 @@ def test_ctrl_c_is_one_line_and_exit_status_130(command, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"mmprep {command}: interrupted"), err
     assert "resumes" in err[0] if command == "train" else True
+
+
+def test_a_damaged_dataset_json_is_one_line_naming_it(tmp_path, capsys):
+    from mmprep.cli import main
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset.json").write_text('{"counts": ')  # torn by hand or by a full disk
+    for argv in (["inspect", str(tmp_path / "data")], ["report", "--data", str(tmp_path / "data")],
+                 ["train", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "run")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{tmp_path / 'data' / 'dataset.json'}: not valid JSON" in err[0], err

@@ -8,7 +8,6 @@ yields the same number of batches (no hang on uneven shards).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import re
@@ -24,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
 
 from mmprep.image import decode_strip as strip_frames
-from mmprep.shards import TarDamage, load_npy, tar_entries
+from mmprep.shards import TarDamage, load_npy, parse_dataset_json, tar_entries
 
 if TYPE_CHECKING:
     import datasets
@@ -68,7 +67,7 @@ def load_spec(data_dir: str) -> dict[str, Any]:
     path = data_path(data_dir, "dataset.json")
     if not is_remote(data_dir) and not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: --data must be a directory written by `mmprep prepare`")
-    return json.loads(read_bytes(data_dir, "dataset.json"))
+    return parse_dataset_json(read_bytes(data_dir, "dataset.json"), path)
 
 
 def shard_urls(data_dir: str, spec: dict[str, Any], split: str) -> list[str]:
