@@ -137,15 +137,8 @@ class LabelConfig:
                 re.compile(rule.pattern)
             except re.error as err:
                 raise ConfigError(f"prepare.label.rules[{i}].pattern: invalid regex: {err}") from None
-        from mmprep.labels import normalize_label
-
-        seen: dict[str, str] = {}
-        for raw in self.labels:
-            name = normalize_label(raw, self.case)
-            _check(name is not None, "prepare.label.labels", f"{raw!r} is empty once normalized (a class no row can have)")
-            _check(name not in seen, "prepare.label.labels", f"{seen.get(name)!r} and {raw!r} are the same label once normalized "
-                   f"({name!r}; label.case: {self.case})" if seen.get(name) != raw else f"has {raw!r} twice")
-            seen[name] = raw
+        _check(len(set(self.labels)) == len(self.labels), "prepare.label.labels", "has repeated labels")
+        # labels equal once normalized: mmprep.labels.check_fixed_labels (prepare runs it; it needs the text module)
 
 
 @dataclass(frozen=True)

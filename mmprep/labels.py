@@ -49,6 +49,21 @@ def resolve_label(raw: str | None, text: str | None, cfg: LabelConfig) -> tuple[
     return label, how
 
 
+def check_fixed_labels(cfg: LabelConfig) -> None:
+    """A fixed label list whose entries normalize to one name, or to nothing, is a ConfigError."""
+    from mmprep.config import ConfigError
+
+    seen: dict[str, str] = {}
+    for raw in cfg.labels:
+        name = normalize_label(raw, cfg.case)
+        if name is None:
+            raise ConfigError(f"prepare.label.labels: {raw!r} is empty once normalized (a class no row can have)")
+        if name in seen:
+            raise ConfigError(f"prepare.label.labels: {seen[name]!r} and {raw!r} are the same label once normalized "
+                              f"({name!r}; label.case: {cfg.case})")
+        seen[name] = raw
+
+
 def fixed_labels(cfg: LabelConfig) -> tuple[str, ...]:
     return tuple(normalize_label(x, cfg.case) or "" for x in cfg.labels)
 

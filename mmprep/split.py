@@ -81,8 +81,13 @@ class _UnionFind:
             roots = up
 
 
+MIN_GROUP_CAP = 8  # on a small corpus max_link_share alone would split a few copies of one image (100 rows: 2)
+
+
 def _cap(n: int, cfg: PrepareConfig) -> int:
-    return max(2, int(cfg.max_link_share * n))
+    """The largest group links may build: max_link_share of the samples, but never fewer than
+    MIN_GROUP_CAP (nor more than all of them)."""
+    return max(2, min(n, max(MIN_GROUP_CAP, int(cfg.max_link_share * n))))
 
 
 # a column of link values: (values, valid mask, names) — values sort like the hashes they stand

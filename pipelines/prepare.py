@@ -33,6 +33,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 
 from mmprep.config import PrepareConfig, load_params
 from mmprep.console import HelpFormatter, Parser, only_our_lines, set_verbosity, suggest
+from mmprep.labels import check_fixed_labels
 from mmprep.staged import context_digest
 from pipelines import reaper, steps
 from pipelines.files import is_local, join
@@ -238,6 +239,7 @@ def run(argv: list[str] | None = None) -> int:
     args, beam_args = parse_args(argv)
     set_verbosity(args.verbose)
     cfg = load_params(args.params).prepare
+    check_fixed_labels(cfg.label)
     kind, src = resolve_input(args.input)
     out = args.output.rstrip("/")
     options = pipeline_options(beam_args, args.workers)

@@ -644,7 +644,15 @@ def load_media(row: RawRow, max_bytes: int) -> dict[str, bytes | str | RecordErr
 def _read_bytes(path: str, max_bytes: int) -> bytes | RecordError:
     """`exists` + a bounded read: no glob semantics ("photo [1].jpg" is a name, not a
     pattern) and a huge file costs at most max_bytes of memory. Local paths are opened
-    directly (Beam's FileSystems costs ~100 µs per file there); URIs go through it."""
+    directly (Beam's FileSystems costs ~100 µs per file there); URIs go through it (a
+    `file://` URI is a local path: Beam has no filesystem for that scheme)."""
+    if path.startswith("file://"):
+        from urllib.parse import unquote, urlsplit
+
+        parts = urlsplit(path)
+        if parts.netloc not in ("", "localhost"):
+            return RecordError("unreadable_file", f"{path}: a file:// URI of another host")
+        path = unquote(parts.path)
     if "://" not in path:
         try:
             # non-blocking: opening a FIFO would wait for a writer forever; anything but a

@@ -39,6 +39,17 @@ def test_shared_image_near_copy_and_chains_stay_in_one_split():
     assert len({split[k] for k in ("chain1", "chain2", "chain3")}) == 1
 
 
+def test_a_few_copies_share_a_split_on_a_small_corpus_at_the_default_link_share():
+    items = corpus(100)  # 2 % of 100 samples is 2: without the floor a third copy would be "shared too widely"
+    for seed in range(5):
+        copies = [item(f"copy{i}", image="IMG") for i in range(6)] + [item(f"cap{i}", text="CAP") for i in range(8)]
+        result = assign_splits(corpus(100, seed) + copies, PrepareConfig())
+        assert len({result.split_of[c.key] for c in copies if c.key.startswith("copy")}) == 1
+        assert len({result.split_of[c.key] for c in copies if c.key.startswith("cap")}) == 1 and not result.ignored_links
+    many = [item(f"m{i}", text="a photo") for i in range(9)]  # past the floor: ignored and reported
+    assert [link["samples"] for link in assign_splits(items + many, PrepareConfig()).ignored_links] == [9]
+
+
 def test_a_stock_caption_is_ignored_and_reported():
     items = corpus(300)
     items = [item(it.key, it.label, text="a photo" if i % 3 == 0 else None, phash=it.phash) for i, it in enumerate(items)]
@@ -88,7 +99,7 @@ def test_near_pairs_packed_or_not_give_the_same_split(monkeypatch):
     items = []
     for c in range(60):
         base = rng.getrandbits(64)
-        items += [item(f"c{c:02d}-{i}", label=rng.choice("ab"), phash=base ^ (1 << rng.randrange(64))) for i in range(rng.randrange(1, 9))]
+        items += [item(f"c{c:02d}-{i}", label=rng.choice("ab"), phash=base ^ (1 << rng.randrange(64))) for i in range(rng.randrange(1, 15))]
     cfg = PrepareConfig(max_link_share=0.02)
     packed = assign_splits(items, cfg)
     monkeypatch.setattr("mmprep.split._PACKED_BITS", 0)  # as for a corpus too large to pack a pair in 63 bits

@@ -70,9 +70,12 @@ def test_params_files_layer_in_order_section_by_section(tmp_path):
 
 @pytest.mark.parametrize("labels,message", [(["Cat", "cat"], r"'Cat' and 'cat' are the same label once normalized"),
                                             (["x", " "], r"' ' is empty once normalized"),
-                                            (["x", "y\u200b", "y"], r"'y\\u200b' and 'y' are the same label"),
-                                            (["x", "x"], r"has 'x' twice")])
+                                            (["x", "y\u200b", "y"], r"'y\\u200b' and 'y' are the same label")])
 def test_fixed_labels_that_normalize_to_one_class_or_none_are_refused(labels, message):
+    from mmprep.labels import check_fixed_labels
+
     with pytest.raises(ConfigError, match=message):
-        params_from_dict({"prepare": {"label": {"labels": labels}}})
-    params_from_dict({"prepare": {"label": {"labels": ["Cat", "cat"], "case": "keep"}}})  # kept apart with case: keep
+        check_fixed_labels(params_from_dict({"prepare": {"label": {"labels": labels}}}).prepare.label)
+    with pytest.raises(ConfigError, match="has repeated labels"):
+        params_from_dict({"prepare": {"label": {"labels": ["x", "x"]}}})
+    check_fixed_labels(params_from_dict({"prepare": {"label": {"labels": ["Cat", "cat"], "case": "keep"}}}).prepare.label)

@@ -423,3 +423,16 @@ def test_a_csv_without_an_id_column_and_cache_with_no_cache_are_one_line_errors(
     assert prepare_main(["--input", str(tmp_path / "noid.csv"), "--output", str(tmp_path / "out"), "--no-cache", "--cache",
                          str(tmp_path / "c")]) == 2
     assert "--cache and --no-cache exclude each other" in capsys.readouterr().err
+
+
+def test_a_file_uri_is_read_as_the_local_path_it_names(tmp_path):
+    from urllib.parse import quote
+
+    (tmp_path / "a photo.png").write_bytes(png(np.random.default_rng(1)))
+    manifest = write_manifest(tmp_path, [j(id="uri", image="file://" + quote(str(tmp_path / "a photo.png")), label="x"),
+                                         j(id="host", image="file://elsewhere/a.png", text="a caption", label="x"),
+                                         j(id="plain", image=str(tmp_path / "a photo.png"), text="another caption", label="x")])
+    rows, rejects, _ = prepare(manifest, tmp_path / "out", params_with(tmp_path, max_reject_ratio=0.9))
+    assert {r["id"]: r["reason"] for r in rejects} == {"host": "unreadable_file"}
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["uri"]["image_sha256"] == by_id["plain"]["image_sha256"] is not None
