@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from mmprep.config import ConfigError, load_params
@@ -104,7 +105,7 @@ def _predict(argv: list[str]) -> int:
     parser.add_argument("--text", default=None, help="the text, inline")
     parser.add_argument("--video", default=None, help="a video file")
     args = _args(parser, argv)
-    if not (args.image or args.audio or args.text or args.video):
+    if args.image is None and args.audio is None and args.text is None and args.video is None:
         parser.error("give at least one of --image, --audio, --text, --video")
     from train.predict import predict
 
@@ -150,6 +151,10 @@ def _report(argv: list[str]) -> int:
     parser.add_argument("--per-label", type=int, default=3, help="gallery samples per label")
     parser.add_argument("--max-labels", type=int, default=24, help="labels shown in the gallery, most frequent first")
     args = _args(parser, argv)
+    if args.per_label < 0 or args.max_labels < 0:
+        raise ValueError(f"--per-label and --max-labels must be >= 0 (0: no gallery), got {args.per_label} and {args.max_labels}")
+    if args.training is not None and not os.path.isfile(args.training):
+        raise FileNotFoundError(f"--training {args.training}: no such file (mmprep evaluate writes it beside its --output JSON)")
     from mmprep.report import build_report
 
     path, info = build_report(args.data, args.output, per_label=args.per_label, max_labels=args.max_labels, training=args.training)

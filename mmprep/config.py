@@ -333,11 +333,17 @@ def load_params(path: str | Path | list[str | Path] | None) -> Params:
     return params_from_dict(merged)
 
 
-def _layered(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """`top` over `base`: mappings merge key by key, anything else (lists too) is replaced."""
+# params whose value is a mapping: a later file gives the whole of it (its splits, not a change to the earlier ones)
+_WHOLE_VALUES = {("prepare", "splits")}
+
+
+def _layered(base: dict[str, Any], top: dict[str, Any], where: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`top` over `base`: sections merge key by key, anything else (lists and `splits` too) is replaced."""
     out = dict(base)
     for key, value in top.items():
-        out[key] = _layered(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        path = (*where, str(key))
+        merge = isinstance(value, dict) and isinstance(out.get(key), dict) and path not in _WHOLE_VALUES
+        out[key] = _layered(out[key], value, path) if merge else value
     return out
 
 

@@ -188,3 +188,13 @@ def test_a_text_only_dataset_gets_a_report_without_images_or_audio(tmp_path):
     text = (tmp_path / "out" / "report.html").read_text()
     assert "<audio " not in text and 'alt="image of' not in text and "token length" in text
     assert text.count('<div class="sample">') == 6  # 3 per label
+
+
+def test_report_refuses_a_negative_gallery_and_a_missing_training_report_in_one_line(tmp_path, capsys):
+    from mmprep.cli import main
+
+    for extra, message in ((["--per-label", "-1"], "--per-label and --max-labels must be >= 0"),
+                           (["--training", str(tmp_path / "nope.html")], "nope.html: no such file")):
+        assert main(["report", "--data", str(tmp_path), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err

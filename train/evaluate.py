@@ -70,6 +70,8 @@ def ablation(pred: dict[str, np.ndarray]) -> dict[str, tuple[float | None, int, 
     """Per modality, over the labeled samples that have it: (accuracy with it alone or None,
     samples scored, samples without it) — samples without a modality cannot be scored on it alone."""
     labeled = pred["label"] >= 0
+    if not labeled.any():
+        raise ValueError(f"{data_dir}: the {cfg.split} split has no labeled samples to score ({len(labeled)} unlabeled)")
     y, pattern = pred["label"][labeled], pred["pattern"][labeled]
     out = {}
     for name, index in ABLATIONS.items():

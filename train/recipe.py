@@ -119,6 +119,10 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
     train_urls = D.shard_urls(data_dir, spec, "train")
     if not train_urls:
         raise ValueError(f"{data_dir}: the train split has no shards")
+    labeled = {k: v for k, v in spec.get("counts", {}).get("labels", {}).get("train", {}).items() if k != "<unlabeled>" and v}
+    if not spec.get("labels") or ("counts" in spec and not labeled):
+        raise ValueError(f"{data_dir}: the train split has no labeled samples (dataset.json labels: {len(spec.get('labels') or [])}): "
+                         "nothing to learn; label the rows or set prepare.label.rules")
     if spec["splits"]["train"]["samples"] < cfg.batch_size * world:  # the loader would repeat samples to fill one batch
         raise ValueError(f"train.batch_size {cfg.batch_size}{f' x {world} ranks' if world > 1 else ''} is more than the "
                          f"{spec['splits']['train']['samples']} samples of {data_dir}'s train split: use a smaller batch_size")
@@ -156,6 +160,16 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
         history = [row for row in ckpt.get("history", []) if row["epoch"] <= start_epoch]  # earlier epochs' curves
         partial = ckpt.get("partial", [0.0, 0])  # the interrupted epoch's loss sum and batch count so far
         set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+        if step > total:
+            raise ValueError(f"{last_path} is at step {step}, past the {total} steps these params make (train.epochs/max_steps): "
+                             "use a new --output, or raise them to go on")
+        saved = _finished_result(run_dir, step, total, start_epoch, epochs)
+        if saved is not None:  # the same command again after it finished: nothing to do, its record kept
+            if main:
+                print(f"[train] {run_dir} is complete ({step} steps, {start_epoch} epochs): nothing to do", file=sys.stderr)
+            if world > 1:
+                dist.destroy_process_group()
+            return saved
         if main:
             print(f"[train] resuming from {last_path} at step {step}, in epoch {start_epoch + 1}", file=sys.stderr)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -243,7 +257,7 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
             break
 
     print(f"[train] rank {rank}/{world} done: {step} steps of {batches} batches per epoch", file=sys.stderr)
-    result = {"steps": step, "epochs": epochs, "best_val_accuracy": best, "world_size": world,
+    result = {"steps": step, "epochs": epochs, "best_val_accuracy": best if best >= 0 else None, "world_size": world,  # None: no val split
               "samples_per_s": round(speed["samples"] / max(speed["seconds"], 1e-9), 1),
               "data_wait": round(speed["wait"] / max(speed["seconds"], 1e-9), 4)}
     if main:
@@ -255,6 +269,18 @@ def train(data_dir: str, run_dir: str, cfg: TrainConfig, live_dir: str | None = 
         dist.barrier()
         dist.destroy_process_group()
     return result
+
+
+def _finished_result(run_dir: str, step: int, total: int, done_epochs: int, epochs: int) -> dict[str, Any] | None:
+    """The result in train_config.json of a run whose checkpoint has trained and validated all
+    it was asked to (None: something is left, or the run's record is missing)."""
+    if step < total or done_epochs < epochs:
+        return None
+    try:
+        with open(os.path.join(run_dir, "train_config.json"), encoding="utf-8") as f:
+            return json.load(f)["result"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def objective(net, image, audio, video, batch, present, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -433,7 +459,9 @@ def _export(run_dir, data_dir, model, cfg, spec, history, result) -> None:
         with open(os.path.join(run_dir, name), "wb") as f:
             f.write(data)
     with open(os.path.join(run_dir, "train_config.json"), "w", encoding="utf-8") as f:
-        json.dump({"train": asdict(cfg), "result": result, "history": history}, f, indent=1)
+        # strict JSON: NaN (no val sample has a modality, no val split) is written as null
+        rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()} for row in history]
+        json.dump({"train": asdict(cfg), "result": result, "history": rows}, f, indent=1, allow_nan=False)
     _plot(history, os.path.join(run_dir, "curves.png"))
 
 

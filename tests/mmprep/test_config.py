@@ -66,6 +66,8 @@ def test_params_files_layer_in_order_section_by_section(tmp_path):
     with pytest.raises(ConfigError, match="prepare.video.size"):
         top.write_text("prepare:\n  video:\n    size: 2\n")
         load_params([base, top])
+    top.write_text("prepare:\n  splits: {train: 0.9, test: 0.1}\n")  # a mapping-valued param is given whole, not merged
+    assert load_params([base, top]).prepare.splits == {"train": 0.9, "test": 0.1}
 
 
 @pytest.mark.parametrize("labels,message", [(["Cat", "cat"], r"'Cat' and 'cat' are the same label once normalized"),

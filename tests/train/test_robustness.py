@@ -180,3 +180,33 @@ def test_evaluate_to_an_unwritable_output_fails_before_evaluating(tiny, tmp_path
     with pytest.raises(ValueError, match=r"dir\.json is a directory"):
         evaluate(str(tiny), str(run), str(tmp_path / "dir.json"), EvaluateConfig())
     assert not evaluated and not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_data_without_labels_is_refused_in_one_line(tiny, tmp_path):
+    unlabeled = _edited(tiny, tmp_path / "unlabeled", lambda s: s.update(labels=[]))
+    with pytest.raises(ValueError, match=r"the train split has no labeled samples .*nothing to learn"):
+        train(str(unlabeled), str(tmp_path / "run"), FAST)
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_the_same_command_after_a_finished_run_keeps_its_record_and_fewer_steps_are_refused(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    cfg = replace(FAST, epochs=2)
+    first = train(str(tiny), str(run), cfg)
+    record = (run / "train_config.json").read_bytes()
+    capsys.readouterr()
+    assert train(str(tiny), str(run), cfg) == json.loads(record)["result"] == first | {}
+    assert "is complete (24 steps, 2 epochs): nothing to do" in capsys.readouterr().err
+    assert (run / "train_config.json").read_bytes() == record
+    with pytest.raises(ValueError, match=r"is at step 24, past the 12 steps these params make"):
+        train(str(tiny), str(run), replace(cfg, epochs=1))
+
+
+def test_a_run_without_a_val_split_writes_strict_json(tmp_path):
+    data = write_tiny_dataset(tmp_path / "noval", per_split={"train": 384, "val": 0, "test": 64}, shards={"train": 3, "val": 0, "test": 1})
+    run = tmp_path / "run"
+    result = train(str(data), str(run), replace(FAST, epochs=1))
+    text = (run / "train_config.json").read_text()
+    assert "NaN" not in text and result["best_val_accuracy"] is None
+    saved = json.loads(text)
+    assert saved["result"]["best_val_accuracy"] is None and saved["history"][0]["val_accuracy"] is None
