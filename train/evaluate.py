@@ -70,8 +70,6 @@ def ablation(pred: dict[str, np.ndarray]) -> dict[str, tuple[float | None, int, 
     """Per modality, over the labeled samples that have it: (accuracy with it alone or None,
     samples scored, samples without it) — samples without a modality cannot be scored on it alone."""
     labeled = pred["label"] >= 0
-    if not labeled.any():
-        raise ValueError(f"{data_dir}: the {cfg.split} split has no labeled samples to score ({len(labeled)} unlabeled)")
     y, pattern = pred["label"][labeled], pred["pattern"][labeled]
     out = {}
     for name, index in ABLATIONS.items():
@@ -156,6 +154,8 @@ def evaluate(data_dir: str, run_dir: str, output_json: str, cfg: EvaluateConfig)
     stream = _shown(D.EvalStream(urls, shapes, cfg.batch_size, data_spec.get("shards")), total, f"[evaluate] {cfg.split}")
     pred = predictions(model, prep, stream, device)
     labeled = pred["label"] >= 0
+    if not labeled.any():
+        raise ValueError(f"{data_dir}: the {cfg.split} split has no labeled samples to score ({len(labeled)} unlabeled)")
     y, p, pattern = pred["label"][labeled], pred["all"][labeled], pred["pattern"][labeled]
     metrics = {"split": cfg.split, "samples": int(len(y)), "unlabeled_skipped": int((~labeled).sum()), **scores(y, p, names)}
     # every labeled sample is scored above, also one without any modality the model uses
