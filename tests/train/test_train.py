@@ -116,6 +116,7 @@ def test_equal_batches_on_every_rank_even_with_few_uneven_shards(tiny):
     assert len(with_workers) == batches
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
 @pytest.mark.parametrize("workers,buffer", [(0, 1000), (2, 64), (3, 0)])
 def test_an_epoch_is_one_pass_no_sample_twice_and_ranks_share_nothing(tiny, workers, buffer):
     from train.data import make_loader
