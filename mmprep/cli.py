@@ -16,7 +16,7 @@ DOCS = "README.md and docs/ (docs/data-contract.md: every file, member and colum
 def _parser(command: str, example: str, params: str | None) -> argparse.ArgumentParser:
     """A command's parser: its one-line description, an example, the params section it reads,
     -v/--verbose; no abbreviated options (a typo is an error, not another option)."""
-    reads = f"reads params: the `{params}` section of --params (defaults: params.yaml, mmprep/config.py)\n" if params else ""
+    reads = f"reads params: the `{params}` section of --params (without --params: the built-in defaults of mmprep/config.py, not ./params.yaml)\n" if params else ""
     parser = Parser(prog=f"mmprep {command}", description=COMMANDS[command][1], formatter_class=HelpFormatter,
                                      allow_abbrev=False, epilog=f"example:\n  {example}\n\n{reads}docs: {DOCS}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: the libraries' logs and warnings too; -vv: debug")

@@ -1,9 +1,9 @@
-"""The shard format (CONTRACT §2): deterministic, atomic WebDataset tar files.
+"""The shard format (docs/data-contract.md): deterministic, atomic WebDataset tar files.
 
-We write tars with the standard library's `tarfile` rather than webdataset's
-`TarWriter`: it is the same ustar format, keeps `mmprep/` free of the torch-side
-stack, and lets us pin every header field (mtime, uid/gid, names, mode) so equal
-input gives equal bytes.
+We write tars with our own ustar header writer (`_header`) rather than webdataset's
+`TarWriter` or `tarfile`: the same ustar format, `mmprep/` free of the torch-side stack,
+every header field pinned (mtime, uid/gid, names, mode) so equal input gives equal bytes,
+and no per-field Python work of `tarfile.addfile`.
 """
 
 from __future__ import annotations

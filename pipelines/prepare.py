@@ -47,8 +47,9 @@ PREPARE_EPILOG = """\
 example:
   mmprep prepare --input data/corpus/manifest.jsonl --output data/prepared --params params.yaml --workers 2
 
-reads params: the `prepare` section of --params (every knob and its default: params.yaml,
-mmprep/config.py); README "prepare" and docs/data-contract.md in the repository.
+reads params: the `prepare` section of --params (every knob: params.yaml; without --params the
+built-in defaults of mmprep/config.py, not ./params.yaml); README "prepare" and
+docs/data-contract.md in the repository.
 
 Beam options pass through untouched (an option neither mmprep nor Beam knows is an error):
   local (default)  --runner FnApiRunner; --workers N sets --direct_num_workers N with
@@ -74,7 +75,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--input", required=True, help="manifest (.jsonl/.csv/.parquet), directory layout, Hugging Face Parquet, "
                         "or WebDataset tars (a .tar, folder, comma list, {000..009} pattern); local or URI")
     parser.add_argument("--output", required=True, help="output directory (local or URI)")
-    parser.add_argument("--params", action="append", default=None, help="params.yaml (section `prepare`); built-in defaults if omitted; repeat to layer files, later ones win")
+    parser.add_argument("--params", action="append", default=None, help="params.yaml (section `prepare`); built-in defaults (mmprep/config.py) if omitted; repeat to layer files, later ones win")
     parser.add_argument("--workers", type=int, default=None, help="local worker processes (None: 1, or Beam's --direct_num_workers)")
     parser.add_argument(
         "--cache",
@@ -203,13 +204,15 @@ def _check_writable(directory: str, flag: str) -> None:
         raise InputError(f"{flag} {directory}: not a writable directory ({err.strerror or err})") from None
 
 
-def _check_apart(kind: str, src: str, out: str) -> None:
+def _check_apart(kind: str, src: str, out: str, given: str | None = None) -> None:
     """The output must neither be nor hold nor sit inside the input: prepare deletes and
     rewrites files in its output (shards of other runs, tables, dataset.json), and a later run
     would read its own output as input rows."""
     from pipelines.read import expand_paths
 
     inputs = expand_paths(src) if kind in ("webdataset", "parquet") and ("," in src or "{" in src) else [src]
+    if given and given.rstrip("/") != src and "," not in given and "{" not in given:
+        inputs.append(given.rstrip("/") or "/")  # a folder holding the manifest: the folder as given counts too
     if not is_local(out) or not all(is_local(p) for p in inputs):
         return
     where = os.path.realpath(out)
@@ -243,7 +246,7 @@ def run(argv: list[str] | None = None) -> int:
     kind, src = resolve_input(args.input)
     out = args.output.rstrip("/")
     options = pipeline_options(beam_args, args.workers)
-    _check_apart(kind, src, out)
+    _check_apart(kind, src, out, args.input)
     _check_runner(options)
     _check_writable(out, "--output")
     if not FileSystems.exists(out):

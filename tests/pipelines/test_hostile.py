@@ -392,7 +392,8 @@ def test_an_output_that_is_holds_or_sits_in_the_input_is_refused_before_any_work
     (tmp_path / "lists").mkdir()
     manifest = write_manifest(tmp_path / "lists", [j(id=f"r{i}", image=str(src / f"c{i}.png"), label="cat") for i in range(3)])
     for given, out, word in ((src.parent, src.parent / "out", "is inside"), (src.parent, src.parent, "is"),
-                             (manifest, tmp_path / "lists", "holds"), (manifest, tmp_path, "holds")):
+                             (manifest, tmp_path / "lists", "holds"), (manifest, tmp_path, "holds"),
+                             (tmp_path / "lists", tmp_path / "lists" / "out", "is inside")):  # the folder holding the manifest
         assert prepare_main(["--input", str(given), "--output", str(out), "--params", str(PARAMS)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"--output {out} {word} the input" in err[0], err
