@@ -249,10 +249,10 @@ def to_device(batch: dict[str, Any], device: torch.device, non_blocking: bool = 
 class TrainStream(IterableDataset):
     """Exactly `batches` batches per rank per epoch, deterministic in (seed, epoch, rank).
 
-    An epoch is one pass over the split: the shards are put in a seeded order, and each
-    (rank, loader worker) slot takes its own contiguous run of that sample sequence, as long
-    as its share of the epoch's batches — no sample twice in an epoch, only the split's last
-    samples of that order (less than one global batch) left out. A slot reads the shards its
+    An epoch is one pass over the split: the shards are put in a seeded order, the sample
+    sequence starts at a seeded offset (wrapping around), and each (rank, loader worker) slot
+    takes its own contiguous run of it, as long as its share of the epoch's batches — no sample
+    twice in an epoch, fewer than one global batch left out, other samples in every epoch. A slot reads the shards its
     run touches (those at its edges are shared: both slots read them, each decodes only its
     samples) and shuffles its run with a buffer of `buffer` samples that empties when the run
     ends. Without `index` (dataset.json's shard table: the sample counts) a slot gets whole
@@ -326,9 +326,13 @@ class TrainStream(IterableDataset):
         slot, slots, mine, skipped, before = self._slot()
         rng = random.Random(f"{self.seed}|{self.epoch}|{slot}")
         order_rng = random.Random(f"{self.seed}|{self.epoch}")
-        exact = self._counts() is not None
+        counts = self._counts()
+        exact = counts is not None
         if exact:
-            stream = self._run(before * self.batch_size, mine * self.batch_size, order_rng)
+            # the epoch's sequence starts at a seeded offset: the samples it leaves out (fewer than one
+            # global batch) differ from epoch to epoch, also when the split is one shard
+            shift = random.Random(f"{self.seed}|{self.epoch}|start").randrange(max(1, sum(counts)))
+            stream = self._run((shift + before * self.batch_size) % max(1, sum(counts)), mine * self.batch_size, order_rng)
         else:
             stream = self._cycled(slot, slots, order_rng)
         batch: list[dict[str, Any]] = []

@@ -15,6 +15,23 @@ from train import data as D
 from train.evaluate import load_run
 
 
+def _read_input(path: str, modality: str, max_bytes: int) -> bytes:
+    """A media file given to predict, checked as prepare checks one (same reject names)."""
+    import stat
+
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ValueError(f"the input is unusable: missing_file (--{modality} {path})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"the input is unusable: unreadable_file (--{modality} {path}: not a regular file)")
+    if info.st_size == 0:
+        raise ValueError(f"the input is unusable: empty_file (--{modality} {path})")
+    if info.st_size > max_bytes:
+        raise ValueError(f"the input is unusable: file_too_large (--{modality} {path}: more than max_file_bytes={max_bytes})")
+    return Path(path).read_bytes()
+
+
 def predict(run_dir: str, image: str | None = None, audio: str | None = None, text: str | None = None,
             video: str | None = None) -> dict[str, Any]:
     from mmprep.process import process_row
@@ -31,7 +48,7 @@ def predict(run_dir: str, image: str | None = None, audio: str | None = None, te
         raise ValueError(f"{run_dir} has no tokenizer.model: --text cannot be encoded for this model")
     cfg = params_from_dict({"prepare": spec["params"]["prepare"]}).prepare
     row = RawRow(source="predict", order=0, id="predict", image=image, audio=audio, text=text, video=video)
-    loaded: dict[str, Any] = {m: Path(p).read_bytes() for m, p in (("image", image), ("audio", audio), ("video", video)) if p}
+    loaded: dict[str, Any] = {m: _read_input(p, m, cfg.max_file_bytes) for m, p in (("image", image), ("audio", audio), ("video", video)) if p}
     if text is not None:
         loaded["text"] = text
     sample = process_row(row, loaded, _unlabeled(cfg))

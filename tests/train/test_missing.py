@@ -146,6 +146,18 @@ def test_predict_accepts_any_non_empty_subset_of_inputs(trained, tmp_path):
         predict(str(trained), image=str(img), text="hello")
 
 
+def test_predict_names_a_missing_empty_or_special_file_as_prepare_would(trained, tmp_path):
+    import os
+
+    from train.predict import predict
+
+    (tmp_path / "empty.png").write_bytes(b"")
+    os.mkfifo(tmp_path / "pipe.png")  # reading it would wait for a writer forever
+    for name, reason in (("nope.png", "missing_file"), ("empty.png", "empty_file"), ("pipe.png", "unreadable_file")):
+        with pytest.raises(ValueError, match=f"the input is unusable: {reason} \\(--image .*{name}"):
+            predict(str(trained), image=str(tmp_path / name))
+
+
 def test_modality_dropout_never_adds_never_empties_and_leaves_singles():
     from train.model import modality_dropout
 
