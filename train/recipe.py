@@ -461,7 +461,7 @@ def _export(run_dir, data_dir, model, cfg, spec, history, result) -> None:
     with open(os.path.join(run_dir, "train_config.json"), "w", encoding="utf-8") as f:
         # strict JSON: NaN (no val sample has a modality, no val split) is written as null
         rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()} for row in history]
-        json.dump({"train": asdict(cfg), "result": result, "history": rows}, f, indent=1, allow_nan=False)
+        json.dump({"train": asdict(cfg), "result": result, "history": rows}, f, indent=1)
     _plot(history, os.path.join(run_dir, "curves.png"))
 
 
