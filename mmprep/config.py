@@ -333,17 +333,15 @@ def load_params(path: str | Path | list[str | Path] | None) -> Params:
     return params_from_dict(merged)
 
 
-# params whose value is a mapping: a later file gives the whole of it (its splits, not a change to the earlier ones)
-_WHOLE_VALUES = {("prepare", "splits")}
-
-
-def _layered(base: dict[str, Any], top: dict[str, Any], where: tuple[str, ...] = ()) -> dict[str, Any]:
-    """`top` over `base`: sections merge key by key, anything else (lists and `splits` too) is replaced."""
+def _layered(base: dict[str, Any], top: dict[str, Any], cls: type | None = None) -> dict[str, Any]:
+    """`top` over `base`: sections (the dataclasses of `cls`, Params at the top) merge key by
+    key; any param's value — a number, a list, a mapping such as `prepare.splits` — is replaced."""
+    hints = typing.get_type_hints(cls or Params)
     out = dict(base)
     for key, value in top.items():
-        path = (*where, str(key))
-        merge = isinstance(value, dict) and isinstance(out.get(key), dict) and path not in _WHOLE_VALUES
-        out[key] = _layered(out[key], value, path) if merge else value
+        section = hints.get(key)
+        merge = dataclasses.is_dataclass(section) and isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _layered(out[key], value, section) if merge else value
     return out
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-import stat
 import tarfile
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -18,6 +17,7 @@ from mmprep.manifest import (
     MANIFEST_SUFFIXES,
     MAX_LABEL_BYTES,
     MODALITY_COLUMNS,
+    checked_bytes,
     csv_records,
     directory_row,
     group_directory,
@@ -27,6 +27,7 @@ from mmprep.manifest import (
     member_kind,
     parse_jsonl_line,
     parse_record,
+    read_local,
     read_reject,
     split_member,
     webdataset_row,
@@ -475,12 +476,10 @@ def _plan_tar(path: str, name: str, order: int, per: int) -> list[Segment]:
 
 
 def _plan_directory(src: str, per: int) -> Plan:
-    paths = [m.path for m in FileSystems.match([f"{src}/**"])[0].metadata_list]
-    if "://" not in src:  # Beam's listing leaves out a symlink to nothing: its row is a missing_file reject, not lost
-        listed = set(paths)
-        for root, _, names in os.walk(src):
-            paths += [p for p in (os.path.join(root, n) for n in names) if p not in listed and os.path.islink(p)
-                      and not os.path.exists(p)]
+    if "://" in src:
+        paths = [m.path for m in FileSystems.match([f"{src}/**"])[0].metadata_list]
+    else:  # the walk Beam's local match makes, less its size check, which drops a symlink to nothing (a missing_file reject)
+        paths = [os.path.join(root, name) for root, _, names in os.walk(src) for name in names]
     groups = list(group_directory(paths, src))
     ranges = [
         Range("directory", src, i, i + len(groups[i : i + per]), i + 1, i, tuple(groups[i : i + per]))
@@ -633,7 +632,7 @@ def load_media(row: RawRow, max_bytes: int) -> dict[str, bytes | str | RecordErr
     for modality, path in row.media_paths():
         if modality in row.media:  # carried in the row (embedded in the input): `path` only names it
             data = row.media[modality]
-            loaded[modality] = data if isinstance(data, RecordError) else _checked(path or modality, data, max_bytes)
+            loaded[modality] = data if isinstance(data, RecordError) else checked_bytes(path or modality, data, max_bytes)
         elif path is not None:
             loaded[modality] = _read_bytes(path, max_bytes)
     if row.text is not None:
@@ -654,22 +653,7 @@ def _read_bytes(path: str, max_bytes: int) -> bytes | RecordError:
             return RecordError("unreadable_file", f"{path}: a file:// URI of another host")
         path = unquote(parts.path)
     if "://" not in path:
-        try:
-            # non-blocking: opening a FIFO would wait for a writer forever; anything but a
-            # regular file (FIFO, socket, device) is refused before a byte is read
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-            with open(fd, "rb") as f:
-                mode = os.fstat(fd).st_mode
-                if not stat.S_ISREG(mode):
-                    kind = "directory" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "device" if (
-                        stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) else "socket" if stat.S_ISSOCK(mode) else "special file"
-                    return RecordError("unreadable_file", f"{path}: not a regular file (a {kind})")
-                data = _read_local(f, max_bytes)
-        except FileNotFoundError:
-            return RecordError("missing_file", path)
-        except (OSError, ValueError) as err:
-            return RecordError("unreadable_file", f"{path}: {err}")
-        return _checked(path, data, max_bytes)
+        return read_local(path, max_bytes)
     try:
         if not FileSystems.exists(path):
             return RecordError("missing_file", path)
@@ -677,24 +661,4 @@ def _read_bytes(path: str, max_bytes: int) -> bytes | RecordError:
             data = f.read(max_bytes + 1)
     except (OSError, ValueError, beam.io.filesystem.BeamIOError) as err:
         return RecordError("unreadable_file", f"{path}: {err}")
-    return _checked(path, data, max_bytes)
-
-
-def _read_local(f, max_bytes: int) -> bytes:
-    """At most max_bytes + 1 bytes of an open local file. Asking for the file's size (+1)
-    first: read(max_bytes + 1) allocates that much before reading (~50 µs per file at the
-    default 256 MB). A file that grew after fstat, or reports no size (a pipe, /proc), is read
-    on up to the bound."""
-    size = os.fstat(f.fileno()).st_size
-    data = f.read(min(size, max_bytes) + 1)
-    if len(data) > size:
-        data += f.read(max_bytes + 1 - len(data))
-    return data
-
-
-def _checked(path: str, data: bytes, max_bytes: int) -> bytes | RecordError:
-    if not data:
-        return RecordError("empty_file", path)
-    if len(data) > max_bytes:
-        return RecordError("file_too_large", f"{path}: more than max_file_bytes={max_bytes}")
-    return data
+    return checked_bytes(path, data, max_bytes)

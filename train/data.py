@@ -290,16 +290,13 @@ class TrainStream(IterableDataset):
             return None
         return [int(self.index[name]["samples"]) for name in names]
 
-    def _run(self, start: int, length: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+    def _run(self, counts: list[int], start: int, length: int, rng: random.Random) -> Iterator[dict[str, Any]]:
         """The samples at positions start … start + length of the epoch's sample sequence
-        (the shards in `rng`'s order, each in its own order); past the split's end it goes on
-        from its start (only when asked for more batches than one pass holds)."""
-        counts = self._counts()
+        (the shards in `rng`'s order, each in its own order, `counts` samples each); past the
+        split's end it goes on from its start (the sequence is cyclic)."""
         order = list(range(len(self.urls)))
         rng.shuffle(order)
-        total = sum(counts[i] for i in order)
-        if total == 0:
-            raise ShardError("the split's shards hold no samples")
+        total = sum(counts)
         while length > 0:
             begin = 0
             for i in order:
@@ -329,10 +326,13 @@ class TrainStream(IterableDataset):
         counts = self._counts()
         exact = counts is not None
         if exact:
+            total = sum(counts)
+            if total == 0:
+                raise ShardError("the split's shards hold no samples")
             # the epoch's sequence starts at a seeded offset: the samples it leaves out (fewer than one
             # global batch) differ from epoch to epoch, also when the split is one shard
-            shift = random.Random(f"{self.seed}|{self.epoch}|start").randrange(max(1, sum(counts)))
-            stream = self._run((shift + before * self.batch_size) % max(1, sum(counts)), mine * self.batch_size, order_rng)
+            shift = random.Random(f"{self.seed}|{self.epoch}|start").randrange(total)
+            stream = self._run(counts, (shift + before * self.batch_size) % total, mine * self.batch_size, order_rng)
         else:
             stream = self._cycled(slot, slots, order_rng)
         batch: list[dict[str, Any]] = []

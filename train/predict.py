@@ -3,33 +3,25 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from mmprep.config import params_from_dict
-from mmprep.records import RawRow, Reject
+from mmprep.records import RawRow, RecordError, Reject
 from train import data as D
 from train.evaluate import load_run
 
 
 def _read_input(path: str, modality: str, max_bytes: int) -> bytes:
-    """A media file given to predict, checked as prepare checks one (same reject names)."""
-    import stat
+    """A media file given to predict, read and checked as prepare reads one (same reject names)."""
+    from mmprep.manifest import read_local
 
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise ValueError(f"the input is unusable: missing_file (--{modality} {path})") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise ValueError(f"the input is unusable: unreadable_file (--{modality} {path}: not a regular file)")
-    if info.st_size == 0:
-        raise ValueError(f"the input is unusable: empty_file (--{modality} {path})")
-    if info.st_size > max_bytes:
-        raise ValueError(f"the input is unusable: file_too_large (--{modality} {path}: more than max_file_bytes={max_bytes})")
-    return Path(path).read_bytes()
+    data = read_local(path, max_bytes)
+    if isinstance(data, RecordError):
+        raise ValueError(f"the input is unusable: {data.reason} (--{modality} {data.detail})")
+    return data
 
 
 def predict(run_dir: str, image: str | None = None, audio: str | None = None, text: str | None = None,
