@@ -31,9 +31,11 @@ def _sample(rng: np.random.Generator, label: int) -> dict:
 
 
 def write_tiny_dataset(out: Path, per_split: dict[str, int] | None = None, shards: dict[str, int] | None = None,
-                       seed: int = 0, missing: dict[str, float] | None = None, poison: str | None = None) -> Path:
+                       seed: int = 0, missing: dict[str, float] | None = None, poison: str | None = None,
+                       unlabeled: tuple[str, ...] = ()) -> Path:
     """`missing`: share of samples without each modality ("image"/"audio"/"text"; 1.0 = absent
-    from the dataset, no feature entry in dataset.json); `poison`: a key whose mel holds inf."""
+    from the dataset, no feature entry in dataset.json); `poison`: a key whose mel holds inf;
+    `unlabeled`: splits whose samples have no label (no .cls member)."""
     per_split = per_split or {"train": 384, "val": 64, "test": 64}
     missing = missing or {}
     shards = shards or {"train": 3, "val": 1, "test": 1}
@@ -53,7 +55,8 @@ def write_tiny_dataset(out: Path, per_split: dict[str, int] | None = None, shard
                 s["mel"][0, 0] = np.inf
             samples.append((key, sample_members(key, meta={"id": key}, jpg=None if "image" in gone else s["jpg"],
                                                 mel=None if "audio" in gone else s["mel"],
-                                                tokens=None if "text" in gone else s["tokens"], label_id=label)))
+                                                tokens=None if "text" in gone else s["tokens"],
+                                                label_id=None if split in unlabeled else label)))
         names = []
         for k in range(shards[split]):
             name = shard_name(split, k)

@@ -210,3 +210,13 @@ def test_a_run_without_a_val_split_writes_strict_json(tmp_path):
     assert "NaN" not in text and result["best_val_accuracy"] is None
     saved = json.loads(text)
     assert saved["result"]["best_val_accuracy"] is None and saved["history"][0]["val_accuracy"] is None
+
+
+def test_evaluate_on_a_split_without_labels_is_one_line_not_a_crash(tiny, tmp_path):
+    run = tmp_path / "run"
+    train(str(tiny), str(run), replace(FAST, epochs=1, max_steps=2))
+    data = write_tiny_dataset(tmp_path / "unlabeled_test", unlabeled=("test",))  # same features, test rows without labels
+    with pytest.raises(ValueError, match=r"the test split has no labeled samples to score \(64 unlabeled\)"):
+        evaluate(str(data), str(run), str(tmp_path / "m.json"), EvaluateConfig())
+    assert evaluate(str(data), str(run), str(tmp_path / "m.json"), EvaluateConfig(split="val"))["samples"] == 64
+
