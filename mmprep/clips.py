@@ -4,12 +4,15 @@ corpus and the video benchmark.
 Bytes are reproducible: the muxer and the encoders run with FFmpeg's `bitexact` flags (no
 library version strings or creation times in the file) and one encoder thread (x264's and
 libvpx's output depends on their thread count), so the same inputs give the same file on the
-same FFmpeg build — a test pins it for mp4/libx264, webm/libvpx-vp9, mkv, mov and avi/mpeg4.
-Exception seen, cause not found: once a process has encoded a few hundred clips, libx264 can
-write different bytes for the same frames and sound (the video packets differ from the 7th
-frame on; the first ~170 clips of the video demo were identical across processes, later ones
-not), while repeated encodes of one clip, MPEG-4 Part 2 and VP8 stay identical. x264's own
-thread options and converting to YUV before the encoder did not change it. The demo corpus
+same FFmpeg build — a test pins it for mp4, webm (VP8, VP9), mkv, mov and avi with MPEG-4 Part 2,
+VP8/VP9 or MJPEG.
+Not libx264: once a process has encoded some clips, it can write different bytes for the same
+frames and sound (the video packets differ from the first or 7th frame on; the first ~170 clips
+of the video demo were identical across processes, later ones not; CI once saw two consecutive
+encodes of one 10-frame mkv clip differ), while MPEG-4 Part 2, VP8 and VP9 stay identical.
+Cause not found: x264 runs with one thread and no sync lookahead; x264's own thread options,
+converting to YUV before the encoder, flush-to-zero floating point and glibc's MALLOC_PERTURB_
+did not change it, and valgrind finds no uninitialised read in the encoder. The demo corpus
 therefore writes MPEG-4 Part 2 into its mp4s.
 """
 
