@@ -86,6 +86,8 @@ class VideoConfig:
     max_pixels: int = 8_847_360  # 4096x2160
     max_duration: float = 600.0
     max_frames: int = 100_000
+    min_side: int = 16
+    max_aspect: float = 8.0
     audio_track: Literal["use", "ignore"] = "use"
     seek: bool = True
 
@@ -97,6 +99,8 @@ class VideoConfig:
         _check(self.max_pixels > 0, p + "max_pixels", "must be > 0")
         _check(self.max_duration > 0, p + "max_duration", "must be > 0")
         _check(self.max_frames >= 1, p + "max_frames", "must be >= 1")
+        _check(self.min_side >= 1, p + "min_side", "must be >= 1")
+        _check(self.max_aspect >= 1.0, p + "max_aspect", "must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,8 @@ REASONS: dict[str, tuple[str, str]] = {
     "video_too_large": ("video", "the header or a decoded frame has more pixels than prepare.video.max_pixels (bomb guard)"),
     "video_too_long": ("video", "longer than prepare.video.max_duration, or more frames than prepare.video.max_frames"),
     "video_no_frames": ("video", "no video stream (e.g. an audio-only file) or no decodable frame"),
+    "video_too_small": ("video", "the frames' shorter side below prepare.video.min_side"),
+    "video_bad_aspect": ("video", "the frames' aspect ratio beyond prepare.video.max_aspect"),
     "text_not_utf8": ("text", "the text is not valid UTF-8"),
     "text_empty": ("text", "the text is empty or whitespace/control characters only"),
     "no_usable_modality": ("clean", "every modality the row named was dropped (on_bad_modality: drop)"),

@@ -323,3 +323,12 @@ def test_frames_declaring_giant_dimensions_are_refused_without_allocating_them()
     assert rejects(bytes(data), VID) in ("video_too_large", "video_undecodable")
     assert time.monotonic() - start < 5
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB: nothing near one frame's size
+
+
+@pytest.mark.parametrize(("h", "w", "reason"), [(8, 64, "video_too_small"), (16, 160, "video_bad_aspect"), (160, 16, "video_bad_aspect")])
+def test_tiny_and_extreme_aspect_clips_are_refused_like_images(h, w, reason):
+    """As image.min_side / image.max_aspect: a 8-pixel-high clip would be blown up to
+    video.size, a 10:1 strip cropped to its middle tenth."""
+    assert rejects(clip(grey_frames(6, h=h, w=w), 6)) == reason
+    assert process_video(clip(grey_frames(6, h=h, w=w), 6), replace(VID, min_side=8, max_aspect=10.0)).strip
+
