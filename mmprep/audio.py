@@ -63,10 +63,13 @@ def process_waveform(mono: np.ndarray, sr: int, meta: dict[str, Any], cfg: Audio
         mono = mono[:limit]
     if mono.shape[0] / sr < cfg.min_duration:
         raise RecordError("audio_too_short", f"{mono.shape[0] / sr:.3f}s < min_duration={cfg.min_duration}")
-    rms = float(np.sqrt(np.mean(np.square(mono, dtype=np.float64))))
+    # the level of what changes: a DC offset alone (a dead microphone's bias, unsigned silence
+    # written as 0) is no sound, however far from zero it sits
+    ac = mono.astype(np.float64) - mono.mean(dtype=np.float64)
+    rms = float(np.sqrt(np.mean(np.square(ac))))
     level = 20 * np.log10(rms) if rms > 0 else -np.inf
     if level < cfg.silence_db:
-        raise RecordError("audio_silent", f"RMS {level:.1f} dBFS < silence_db={cfg.silence_db}")
+        raise RecordError("audio_silent", f"RMS {level:.1f} dBFS (DC offset removed) < silence_db={cfg.silence_db}")
     wave = prepare_waveform(mono, sr, cfg)
     return AudioResult(features=waveform_features(wave, cfg), meta=meta)
 

@@ -68,6 +68,14 @@ def normalize_text(text: str, max_chars: int) -> tuple[str, bool]:
 
 
 def text_link_key(text: str) -> str:
-    """Captions that differ only in case, punctuation, symbols or spacing share this key."""
-    core = "".join(ch for ch in text.casefold() if unicodedata.category(ch)[0] in "LN")
+    """Captions that differ only in case, punctuation, symbols or spacing share this key.
+
+    Combining marks are letters' parts (Devanagari and Thai vowel signs: कल and काल are two
+    words), so they are kept, variation selectors aside. A caption of symbols only (emoji,
+    "!!!") has no letters to compare: its key is the caption without spacing, so two different
+    emoji captions are not one "same text"."""
+    folded = "".join(ch for ch in text.casefold() if not 0xFE00 <= ord(ch) <= 0xFE0F)
+    core = "".join(ch for ch in folded if unicodedata.category(ch)[0] in "LNM")
+    if not core:
+        core = "\0" + "".join(folded.split())  # (a prefix no letter-bearing caption's key has)
     return hashlib.sha256(core.encode("utf-8")).hexdigest()

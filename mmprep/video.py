@@ -61,6 +61,7 @@ import contextlib
 import io
 import math
 import re
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -109,6 +110,7 @@ class _Sampled:
     first: _Frame
     last: _Frame | None  # the last frame of the stream, when it ended before the last sample time
     rotation: int
+    mirrored: bool
 
 
 def process_video(data: bytes, cfg: VideoConfig, want_track: bool = True) -> VideoResult:
@@ -135,7 +137,7 @@ def process_video(data: bytes, cfg: VideoConfig, want_track: bool = True) -> Vid
             sampled = _sample(container, _video_stream(container), cfg, duration)
     first = sampled.first.frame
     width, height = (first.height, first.width) if sampled.rotation in (90, 270) else (first.width, first.height)
-    meta.update(width=width, height=height, rotation=sampled.rotation, duration=round(duration, 4),
+    meta.update(width=width, height=height, rotation=sampled.rotation, mirrored=sampled.mirrored, duration=round(duration, 4),
                 pix_fmt=first.format.name)
     track, rate = None, None
     if want_track and cfg.audio_track == "use" and meta["has_audio"]:
@@ -167,6 +169,9 @@ def _open(data: bytes, cfg: VideoConfig) -> Iterator[InputContainer]:
     except MemoryError:
         raise
     except _AV_ERRORS as err:
+        size = _refused_size(err)
+        if size and size[0] * size[1] > cfg.max_pixels:
+            raise RecordError("video_too_large", f"a {size[0]}x{size[1]} frame exceeds max_pixels={cfg.max_pixels}") from None
         raise RecordError("video_undecodable", _message(err)) from None
     try:
         name = container.format.name
@@ -236,8 +241,9 @@ def _decode(container: InputContainer, stream: av.stream.Stream, errors: list[st
         except MemoryError:
             raise
         except _AV_ERRORS as err:
-            if max_pixels and codec.width * codec.height > max_pixels:  # refused by the max_pixels option
-                raise RecordError("video_too_large", f"a {codec.width}x{codec.height} frame exceeds max_pixels={max_pixels}") from None
+            width, height = _refused_size(err) or (codec.width, codec.height)
+            if max_pixels and width * height > max_pixels:  # refused by the max_pixels option
+                raise RecordError("video_too_large", f"a {width}x{height} frame exceeds max_pixels={max_pixels}") from None
             errors.append(_message(err))
             bad += 1
             if packet is None or bad > _MAX_BAD_PACKETS:
@@ -247,6 +253,20 @@ def _decode(container: InputContainer, stream: av.stream.Stream, errors: list[st
         yield from frames
         if packet is None:
             return
+
+
+# FFmpeg's words when its max_pixels option refuses a picture. Codecs whose size only the
+# bitstream tells (MPEG-4 Part 2, VP9, Motion JPEG ...) have no width/height in the codec
+# context then: probing was refused too, so the size is known from this message only.
+_REFUSED_RE = re.compile(r"Picture size (\d+)x(\d+) exceeds specified max pixel count|Failed to initialize decoder for (\d+)x(\d+)")
+
+
+def _refused_size(err: Exception) -> tuple[int, int] | None:
+    found = _REFUSED_RE.search(str(err))
+    if found is None:
+        return None
+    width, height = (int(v) for v in (found.group(1, 2) if found.group(1) else found.group(3, 4)))
+    return width, height
 
 
 class _Frames:
@@ -320,7 +340,7 @@ def _sample(container: InputContainer, stream: av.VideoStream, cfg: VideoConfig,
             raise RecordError("video_undecodable", f"no frame decodes: {frames.errors[0]}")
         raise RecordError("video_no_frames", "the video stream holds no frames")
     _check_shape(first.frame.width, first.frame.height, cfg)  # the real size (a header can say 0x0, or lie)
-    rotation = _rotation(first.frame, stream)
+    rotation, mirrored = _rotation(first.frame, stream)
     # when each keyframe is shown: MP4's index holds decoding times, and x264's B-frames show a
     # keyframe two frames after it is decoded; the first frame tells the offset
     shift = max(first.frame.pts - keys[0], 0) if keys and first.frame.pts is not None else 0
@@ -366,25 +386,46 @@ def _sample(container: InputContainer, stream: av.VideoStream, cfg: VideoConfig,
                 scan(t)
         picked = prev or first
         same = bool(crops) and picked.frame is frames_used[-1]
-        crops.append(crops[-1] if same else _crop(picked.frame, rotation, cfg.size))
+        crops.append(crops[-1] if same else _crop(picked.frame, rotation, mirrored, cfg.size))
         frames_used.append(picked.frame)
         times.append(picked.time)
-    return _Sampled(crops, times, first, last if ended else None, rotation)
+    return _Sampled(crops, times, first, last if ended else None, rotation, mirrored)
 
 
-def _rotation(frame: av.VideoFrame, stream: av.VideoStream) -> int:
-    """The clockwise turn (0, 90, 180, 270) that shows the frame upright: the display matrix
-    (PyAV gives its counter-clockwise angle), else the legacy `rotate` tag (clockwise)."""
-    counter = frame.rotation
-    if not counter:
+def _display_matrix(frame: av.VideoFrame) -> tuple[int, ...] | None:
+    for side in frame.side_data:
+        if getattr(side.type, "name", "") == "DISPLAYMATRIX" and len(bytes(side)) == 36:
+            return struct.unpack("=9i", bytes(side))
+    return None
+
+
+def _rotation(frame: av.VideoFrame, stream: av.VideoStream) -> tuple[int, bool]:
+    """(clockwise turn 0/90/180/270, mirrored) that show the frame as a player does: the frame
+    is turned, then mirrored left-right when `mirrored`. From the display matrix, read as
+    FFmpeg's own command line reads it (a negative determinant is a mirror: a mirror-only
+    matrix is a flip, not a half turn); else the legacy `rotate` tag (clockwise, no mirror)."""
+    matrix = _display_matrix(frame)
+    if matrix is None:
         try:
             counter = -float(stream.metadata.get("rotate", 0))
         except ValueError:
             counter = 0
-    return (-round(counter / 90) * 90) % 360
+        return (-round(counter / 90) * 90) % 360, False
+    counter = frame.rotation  # av_display_rotation_get: counter-clockwise degrees
+    turn = (-round(counter / 90) * 90) % 360 if counter == counter else 0  # NaN: a degenerate matrix
+    if turn == 90:
+        return (90, True) if matrix[3] > 0 else (90, False)  # transpose / clockwise
+    if turn == 270:
+        return (270, True) if matrix[3] < 0 else (270, False)  # anti-transpose / counter-clockwise
+    hflip, vflip = (matrix[0] < 0, matrix[4] < 0) if turn == 180 else (False, matrix[4] < 0)
+    if hflip and vflip:
+        return 180, False
+    if vflip:
+        return 180, True  # a vertical flip is a half turn and a mirror
+    return 0, hflip
 
 
-def _crop(frame: av.VideoFrame, rotation: int, size: int) -> np.ndarray:
+def _crop(frame: av.VideoFrame, rotation: int, mirrored: bool, size: int) -> np.ndarray:
     """A decoded frame of any pixel format → upright RGB → the size×size crop images get."""
     try:
         rgb = frame.to_ndarray(format="rgb24")
@@ -394,6 +435,8 @@ def _crop(frame: av.VideoFrame, rotation: int, size: int) -> np.ndarray:
         raise RecordError("video_undecodable", f"{frame.format.name} frame: {_message(err)}") from None
     if rotation:
         rgb = np.ascontiguousarray(np.rot90(rgb, k=-rotation // 90))  # np.rot90 turns counter-clockwise
+    if mirrored:
+        rgb = np.ascontiguousarray(rgb[:, ::-1])
     return resize_crop(rgb, size)
 
 

@@ -160,11 +160,14 @@ def test_pitch_shows_in_the_mel_bins():
     [
         (lambda: wav_bytes(np.where(np.arange(8000) == 50, np.nan, tone(16000, 0.5)), 16000, "WAV", "FLOAT"), "audio_nonfinite"),
         (lambda: wav_bytes(np.zeros(16000), 16000), "audio_silent"),
+        (lambda: wav_bytes(np.full(16000, 0.5), 16000), "audio_silent"),  # a DC offset only
+        (lambda: wav_bytes(0.02 + 1e-5 * np.sin(np.arange(16000)), 16000, "WAV", "FLOAT"), "audio_silent"),  # a biased dead mic
+        (lambda: bytes(wav_bytes(np.zeros(16000), 16000, "WAV", "PCM_U8")[:44]) + bytes(16000), "audio_silent"),  # u8 silence as 0s
         (lambda: wav_bytes(tone(16000, 0.05), 16000), "audio_too_short"),
         (lambda: b"RIFF\x00\x00\x00\x00WAVEjunk", "audio_undecodable"),
         (lambda: b"<html>not audio</html>", "audio_undecodable"),
     ],
-    ids=["nan", "silent", "short", "bad-riff", "html"],
+    ids=["nan", "silent", "dc", "biased-silence", "u8-zeros", "short", "bad-riff", "html"],
 )
 def test_bad_audio_is_a_reject_with_a_reason(make, reason):
     with pytest.raises(RecordError, match=reason):
@@ -228,3 +231,14 @@ def test_text_decoding_and_normalization():
 def test_text_link_key_ignores_case_and_punctuation():
     assert text_link_key("A red ball.") == text_link_key("a  RED ball")
     assert text_link_key("a red ball") != text_link_key("a blue ball")
+
+
+def test_text_link_key_keeps_vowel_signs_and_tells_symbol_only_captions_apart():
+    """Captions that are different words are not "the same text": Devanagari/Thai vowel signs
+    are combining marks, and emoji-only or punctuation-only captions have no letters at all."""
+    assert len({text_link_key(t) for t in ("कल", "काल", "किल", "कुल")}) == 4
+    assert text_link_key("แมว") != text_link_key("แม")
+    assert len({text_link_key(t) for t in ("🐱🐶", "🐍🦊", "!!!", "???", "🇺🇦")}) == 5
+    assert text_link_key("🐱 🐶") == text_link_key("🐱🐶")  # spacing still ignored
+    assert text_link_key("❤️") == text_link_key("❤")  # and so are variation selectors
+    assert text_link_key(normalize_text("Cafe\u0301!", 100)[0]) == text_link_key("café")  # accents composed first

@@ -332,3 +332,48 @@ def test_tiny_and_extreme_aspect_clips_are_refused_like_images(h, w, reason):
     assert rejects(clip(grey_frames(6, h=h, w=w), 6)) == reason
     assert process_video(clip(grey_frames(6, h=h, w=w), 6), replace(VID, min_side=8, max_aspect=10.0)).strip
 
+@pytest.mark.parametrize(("container", "codec"), [("mp4", "mpeg4"), ("avi", "mpeg4"), ("webm", "libvpx-vp9"), ("mkv", "mjpeg")])
+def test_a_clip_over_max_pixels_is_too_large_whatever_its_codec(container, codec):
+    """MPEG-4 Part 2 (the demo's codec), VP9 and MJPEG tell their size only in the bitstream:
+    FFmpeg's max_pixels option refuses the picture while probing, the codec context stays 0x0,
+    and the refusal must still read as the bomb guard, not as an undecodable file."""
+    pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+    data = clip(grey_frames(12), 6, container=container, codec=codec, pix_fmt=pix_fmt)
+    with pytest.raises(RecordError) as err:
+        process_video(data, replace(VID, max_pixels=64 * 48 - 1))
+    assert (err.value.reason, err.value.detail) == ("video_too_large", "a 64x48 frame exceeds max_pixels=3071")
+    assert process_video(data, replace(VID, max_pixels=64_000)).meta["width"] == 64  # (MPEG-4 Part 2 needs ~54k for its tables)
+
+
+def mirrored_clip(degrees: int, hflip: bool, vflip: bool, stored: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as out:
+        stream = out.add_stream("mpeg4", rate=4)
+        stream.height, stream.width = stored.shape[:2]
+        stream.pix_fmt = "yuv420p"
+        stream.set_display_rotation(degrees, hflip=hflip, vflip=vflip)  # counter-clockwise, then the flips
+        for _ in range(4):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("degrees", [0, 90, 180, 270])
+@pytest.mark.parametrize(("hflip", "vflip"), [(False, False), (True, False), (False, True), (True, True)], ids=["none", "h", "v", "hv"])
+def test_every_display_matrix_comes_out_as_a_player_shows_it(degrees, hflip, vflip):
+    """A mirrored display matrix (a front-camera clip) is a flip, not a half turn: all eight
+    orientations come out as FFmpeg shows them."""
+    from mmprep.image import resize_crop
+
+    stored = np.zeros((48, 64, 3), np.uint8)  # four quadrants of different colours
+    stored[:24, :32], stored[:24, 32:], stored[24:, :32], stored[24:, 32:] = (250, 0, 0), (0, 250, 0), (0, 0, 250), (250, 250, 250)
+    shown = np.rot90(stored, k=degrees // 90)
+    shown = shown[:, ::-1] if hflip else shown
+    shown = shown[::-1] if vflip else shown
+    result = process_video(mirrored_clip(degrees, hflip, vflip, stored), VID)
+    frame = decode_strip(result.strip, 8)[0].astype(int)
+    assert np.abs(frame - resize_crop(np.ascontiguousarray(shown), 32).astype(int)).mean() < 20
+    assert (result.meta["width"], result.meta["height"]) == (shown.shape[1], shown.shape[0])
+    assert result.meta["mirrored"] == (hflip != vflip)
