@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,9 +39,27 @@ def decode_audio(data: bytes, cfg: AudioConfig) -> tuple[np.ndarray, int, dict[s
             wanted = min(frames, int(cfg.max_duration * sr)) if frames > 0 else int(cfg.max_duration * sr)
             wave = f.read(frames=wanted, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError) as err:
-        raise RecordError("audio_undecodable", str(err).strip().splitlines()[0][:200]) from None
+        message = re.sub(r"^Error opening <[^>]*>: ", "", str(err).strip().splitlines()[0])[:200]
+        if "Format not recognised" not in message:
+            raise RecordError("audio_undecodable", message) from None
+        return _decode_ffmpeg(data, cfg, message)
     meta["duration"] = round(frames / sr if frames > 0 else wave.shape[0] / sr, 4)
     return wave.mean(axis=1, dtype=np.float64).astype(np.float32), sr, meta
+
+
+def _decode_ffmpeg(data: bytes, cfg: AudioConfig, why: str) -> tuple[np.ndarray, int, dict[str, Any]]:
+    """What libsndfile does not know (AAC in M4A/MP4, WMA, AC-3, AMR …) through FFmpeg (PyAV).
+    A second longer than max_duration is read when too_long is reject, so the check sees it."""
+    from mmprep.video import decode_sound
+
+    extra = 1.0 if cfg.too_long == "reject" else 0.0
+    try:
+        mono, sr, meta = decode_sound(data, cfg.max_duration + extra)
+    except RecordError as err:
+        raise RecordError("audio_undecodable", f"{why} (libsndfile); FFmpeg: {err.detail}"[:200]) from None
+    if meta["duration"] > cfg.max_duration and cfg.too_long == "reject":
+        raise RecordError("audio_too_long", f"{meta['duration']:.2f}s > max_duration={cfg.max_duration}")
+    return mono, sr, meta
 
 
 def process_waveform(mono: np.ndarray, sr: int, meta: dict[str, Any], cfg: AudioConfig) -> AudioResult:

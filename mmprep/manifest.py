@@ -22,7 +22,8 @@ from mmprep.records import REASONS, RawRow, RecordError, Reject, has_surrogates,
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"}
 # every container libsndfile reads by content (the extension only sorts files in a directory layout)
-AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".snd", ".caf", ".w64", ".rf64"}
+AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".snd", ".caf", ".w64", ".rf64",
+              ".m4a", ".aac", ".wma", ".ac3", ".amr"}  # the last five through FFmpeg (audio.decode_audio)
 TEXT_EXTS = {".txt"}
 # containers FFmpeg (PyAV) reads by content; the extension only sorts files in a directory layout
 VIDEO_EXTS = {".mp4", ".m4v", ".mkv", ".webm", ".mov", ".avi", ".mpg", ".mpeg", ".ts", ".3gp", ".ogv", ".flv", ".wmv"}

@@ -470,25 +470,52 @@ def _sound_track(data: bytes, cfg: VideoConfig) -> tuple[np.ndarray | None, int 
     """The first audio stream as mono float32 at its own rate (at most max_duration seconds)
     and its metadata; (None, None, meta with an "error") when it can't be used."""
     with _open(data, cfg) as container:
-        stream = container.streams.audio[0]
-        codec = stream.codec_context
-        if codec is None:
-            return None, None, {"codec": None, "error": "no decoder for the audio stream's codec"}
-        rate, channels = codec.sample_rate, codec.channels
-        info: dict[str, Any] = {"codec": codec.name, "sample_rate": rate, "channels": channels}
-        if not 1000 <= rate <= 768_000 or not 1 <= channels <= 64:
-            return None, None, {**info, "error": f"header declares {rate} Hz, {channels} channels"}
-        limit, have = int(cfg.max_duration * rate), 0
-        chunks: list[np.ndarray] = []
-        errors: list[str] = []
-        for frame in _decode(container, stream, errors):
-            if frame.sample_rate != rate or frame.layout.nb_channels != channels or frame.format.name.rstrip("p") not in _SAMPLE_SCALE:
-                errors.append(f"the track changes to {frame.sample_rate} Hz, {frame.layout.nb_channels} channels, {frame.format.name}")
-                break  # what came before it is kept
-            chunks.append(_mono(frame)[: limit - have])
-            have += chunks[-1].shape[0]
-            if have >= limit:
-                break
+        return _read_track(container, cfg.max_duration)
+
+
+def _read_track(container: InputContainer, max_seconds: float) -> tuple[np.ndarray | None, int | None, dict[str, Any]]:
+    stream = container.streams.audio[0]
+    codec = stream.codec_context
+    if codec is None:
+        return None, None, {"codec": None, "error": "no decoder for the audio stream's codec"}
+    rate, channels = codec.sample_rate, codec.channels
+    info: dict[str, Any] = {"codec": codec.name, "sample_rate": rate, "channels": channels}
+    if not 1000 <= rate <= 768_000 or not 1 <= channels <= 64:
+        return None, None, {**info, "error": f"header declares {rate} Hz, {channels} channels"}
+    limit, have = int(max_seconds * rate), 0
+    chunks: list[np.ndarray] = []
+    errors: list[str] = []
+    for frame in _decode(container, stream, errors):
+        if frame.sample_rate != rate or frame.layout.nb_channels != channels or frame.format.name.rstrip("p") not in _SAMPLE_SCALE:
+            errors.append(f"the track changes to {frame.sample_rate} Hz, {frame.layout.nb_channels} channels, {frame.format.name}")
+            break  # what came before it is kept
+        chunks.append(_mono(frame)[: limit - have])
+        have += chunks[-1].shape[0]
+        if have >= limit:
+            break
     if errors and not chunks:
         return None, None, {**info, "error": errors[0]}
     return np.concatenate(chunks) if chunks else np.zeros(0, np.float32), rate, info
+
+
+def decode_sound(data: bytes, max_seconds: float) -> tuple[np.ndarray, int, dict[str, Any]]:
+    """An audio file libsndfile does not read (AAC/M4A, WMA, AC-3, AMR, a clip's sound …),
+    through FFmpeg: mono float32 at its own rate, at most `max_seconds` read, and the
+    original's metadata (as `audio.decode_audio` gives it). Refusals are `audio_undecodable`."""
+    try:
+        with _open(data, VideoConfig()) as container:
+            if not container.streams.audio:
+                kinds = ", ".join(sorted({s.type for s in container.streams}))
+                raise RecordError("audio_undecodable", f"no audio stream ({kinds} only)" if kinds else "no streams")
+            mono, rate, info = _read_track(container, max_seconds)
+            name, declared = container.format.name, container.duration
+    except RecordError as err:
+        if err.reason.startswith("video_"):  # what _open says of a file that is no media at all
+            raise RecordError("audio_undecodable", err.detail.replace(", not a video", "")) from None
+        raise
+    if mono is None or rate is None:
+        raise RecordError("audio_undecodable", info["error"])
+    duration = declared / av.time_base if declared and declared > 0 else mono.shape[0] / rate
+    meta = {"format": name, "subtype": info["codec"], "sample_rate": rate, "channels": info["channels"],
+            "duration": round(duration, 4)}
+    return mono, rate, meta

@@ -155,6 +155,47 @@ def test_pitch_shows_in_the_mel_bins():
     assert low.mean(axis=1).argmax() < high.mean(axis=1).argmax()
 
 
+def m4a_bytes(wave: np.ndarray, sr: int, fmt: str = "ipod", codec: str = "aac") -> bytes:
+    """An audio-only M4A (AAC), what phones and podcast tools write; libsndfile cannot read it."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt) as out:
+        stream = out.add_stream(codec, rate=sr)
+        stream.layout = "mono"
+        resampler = av.AudioResampler(format=stream.format.name, layout="mono", rate=sr, frame_size=stream.frame_size or 1024)
+        frame = av.AudioFrame.from_ndarray((np.asarray(wave) * 32767).astype(np.int16).reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = sr
+        for converted in [*resampler.resample(frame), *resampler.resample(None)]:
+            out.mux(stream.encode(converted))
+        out.mux(stream.encode())
+    return buf.getvalue()
+
+
+def test_m4a_and_other_formats_libsndfile_lacks_decode_through_ffmpeg():
+    data = m4a_bytes(tone(16000, 1.0, 2000), 16000)
+    with pytest.raises(sf.LibsndfileError):
+        sf.read(io.BytesIO(data))
+    result = process_audio(data, AUD)
+    wav = process_audio(wav_bytes(tone(16000, 1.0, 2000), 16000), AUD)
+    assert result.features.shape == wav.features.shape
+    assert result.features.astype(np.float32).mean(axis=1).argmax() == wav.features.astype(np.float32).mean(axis=1).argmax()
+    assert (result.meta["subtype"], result.meta["sample_rate"], result.meta["channels"]) == ("aac", 16000, 1)
+    with pytest.raises(RecordError, match="audio_too_long"):
+        process_audio(m4a_bytes(tone(16000, 3.0), 16000), AudioConfig(max_duration=2.0, too_long="reject"))
+    cropped = process_audio(m4a_bytes(tone(16000, 3.0), 16000), AudioConfig(max_duration=2.0, too_long="crop"))
+    assert cropped.meta["duration"] > 2.9  # the original's duration; only 2 s were read
+    with pytest.raises(RecordError, match="audio_silent"):
+        process_audio(m4a_bytes(np.zeros(16000), 16000), AUD)
+
+
+@pytest.mark.parametrize("data", [b"<html>not audio</html>", enc(".png", scene())], ids=["html", "png"])
+def test_what_neither_libsndfile_nor_ffmpeg_reads_is_one_clear_reason(data):
+    with pytest.raises(RecordError) as err:
+        process_audio(data, AUD)
+    assert err.value.reason == "audio_undecodable" and "BytesIO" not in err.value.detail and "video" not in err.value.detail
+
+
 @pytest.mark.parametrize(
     ("make", "reason"),
     [
