@@ -283,3 +283,14 @@ def test_text_link_key_keeps_vowel_signs_and_tells_symbol_only_captions_apart():
     assert text_link_key("🐱 🐶") == text_link_key("🐱🐶")  # spacing still ignored
     assert text_link_key("❤️") == text_link_key("❤")  # and so are variation selectors
     assert text_link_key(normalize_text("Cafe\u0301!", 100)[0]) == text_link_key("café")  # accents composed first
+
+
+def test_alpha_is_composited_on_white_exactly():
+    """Every (colour, alpha) pair: c·a/255 + 255·(1 − a/255), rounded (the integer arithmetic of
+    the compositing is checked against the formula over all 65,536 pairs)."""
+    from mmprep.image import _to_rgb
+
+    c, a = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    bgra = np.stack([c, c, c, a], axis=-1).astype(np.uint8)
+    expected = np.round(c * a / 255 + 255 * (1 - a / 255)).astype(np.uint8)
+    assert (_to_rgb(bgra) == expected[:, :, None]).all()
