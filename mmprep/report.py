@@ -1,7 +1,7 @@
 """`mmprep report --data DIR`: one self-contained HTML page about a prepared dataset.
 
 What is in the data (counts, rejects with examples, splits and labels against their targets),
-what it looks like (distributions of the originals, token lengths against `max_tokens`, a
+what it looks like (distributions of the originals — images, audio, video —, token lengths against `max_tokens`, a
 gallery with the stored image, the log-mel as a picture, the clip to listen to and the token
 pieces), whether it is clean (near-duplicate groups with thumbnails, ignored links, no group in
 two splits) and the dataset card (params, versions, shards with sha256).
@@ -140,6 +140,13 @@ def _scan(data: str, ds: dict, wanted: set[str]) -> dict[str, Any]:
                     numbers["duration"].append(a["duration"])
                     numbers["sample_rate"].append(a["sample_rate"])
                     numbers["channels"].append(a["channels"])
+                if "video" in meta:
+                    v = meta["video"]
+                    numbers["video_width"].append(v.get("width") or 0)
+                    numbers["video_height"].append(v.get("height") or 0)
+                    numbers["video_duration"].append(v.get("duration") or 0.0)
+                    numbers["video_fps"].append(v.get("fps") or 0.0)
+                    formats[("video", f"{v.get('format', '?')} / {v.get('codec', '?')}")] += 1
                 if "text" in meta:
                     numbers["chars"].append(meta["text"]["chars"])
                     numbers["truncated"].append(bool(meta["text"].get("truncated")))
@@ -202,7 +209,15 @@ def _distributions_section(ds: dict, scan: dict) -> str:
         charts.append(histogram(n["height"], "original image height", "pixels"))
         charts.append(histogram([w / max(1, h) for w, h in zip(n["width"], n["height"], strict=True)],
                                 "original aspect ratio", "width / height"))
-        out.append(table(["image format", "samples"], sorted(scan["formats"].items(), key=lambda kv: -kv[1]), numeric=(1,)))
+        out.append(table(["image format", "samples"], sorted(((k, v) for k, v in scan["formats"].items() if isinstance(k, str)),
+                                                            key=lambda kv: -kv[1]), numeric=(1,)))
+    if n["video_duration"]:
+        charts.append(histogram(n["video_duration"], "original video duration", "seconds"))
+        charts.append(histogram(n["video_fps"], "original video frame rate", "frames/s"))
+        charts.append(histogram([min(w, h) for w, h in zip(n["video_width"], n["video_height"], strict=True)],
+                                "original video frame, shorter side (as displayed)", "pixels"))
+        out.append(table(["video container / codec", "clips"], sorted(((k[1], v) for k, v in scan["formats"].items() if isinstance(k, tuple)),
+                                                                   key=lambda kv: -kv[1]), numeric=(1,)))
     if n["duration"]:
         charts.append(histogram(n["duration"], "original audio duration", "seconds"))
         out.append(table(["sample rate (Hz)", "clips"], sorted(Counter(n["sample_rate"]).items()), numeric=(0, 1)))
@@ -222,7 +237,7 @@ def _distributions_section(ds: dict, scan: dict) -> str:
             ("texts cut at text.max_chars", f"{truncated:,} ({truncated / max(1, len(n['chars'])):.1%})"),
             ("unknown-token rate", f"{unk:.3%} of {scan['tokens']:,} tokens"),
         ]))
-    if not (n["width"] or n["duration"] or n["chars"]):
+    if not (n["width"] or n["duration"] or n["chars"] or n["video_duration"]):
         return "<p>No samples.</p>"
     return '<div class="charts">' + "".join(charts) + "</div>\n" + "\n".join(out)
 

@@ -3,6 +3,7 @@ hostile files — checked in the output as a user would (shards, tables, dataset
 
 from __future__ import annotations
 
+import collections
 import base64
 import io
 import json
@@ -226,3 +227,20 @@ def test_the_report_shows_each_clips_frames_left_to_right(prepared, tmp_path):
     frames = json.loads((prepared / "dataset.json").read_text())["features"]["video"]
     strip = cv2.imdecode(np.frombuffer(base64.b64decode(shown[0]), np.uint8), cv2.IMREAD_COLOR)
     assert strip.shape[:2] == (frames["size"], frames["size"] * frames["frames"])
+
+
+def test_the_report_shows_the_clips_durations_rates_and_codecs(prepared, tmp_path):
+    from mmprep.report import build_report
+
+    page = tmp_path / "report.html"
+    build_report(str(prepared), str(page))
+    html = page.read_text()
+    assert "original video duration" in html and "original video frame rate" in html
+    clips = collections.Counter()
+    for members in _samples(prepared).values():
+        video = json.loads(members["json"]).get("video")
+        if video:
+            clips[f"{video['format']} / {video['codec']}"] += 1
+    assert len(clips) >= 2  # the demo writes mp4/MPEG-4 Part 2 and webm/VP8
+    for name, count in clips.items():
+        assert re.search(rf"<td>{re.escape(name)}</td><td[^>]*>{count:,}</td>", html), name
