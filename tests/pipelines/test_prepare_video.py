@@ -3,8 +3,8 @@ hostile files — checked in the output as a user would (shards, tables, dataset
 
 from __future__ import annotations
 
-import collections
 import base64
+import collections
 import io
 import json
 import os
