@@ -221,6 +221,16 @@ def _to_rgb(img: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(img[:, :, :3], cv2.COLOR_BGR2RGB)
 
 
+def check_shape(kind: str, width: int, height: int, min_side: int, max_aspect: float) -> None:
+    """`{kind}_too_small` below `min_side`, `{kind}_bad_aspect` beyond `max_aspect` (images, and
+    video frames: a 4x4 picture would be blown up to the stored size, a 2000x50 strip cropped to
+    its middle 50 pixels)."""
+    if min(width, height) < min_side:
+        raise RecordError(f"{kind}_too_small", f"{width}x{height}, shorter side below min_side={min_side}")
+    if max(width, height) / min(width, height) > max_aspect:
+        raise RecordError(f"{kind}_bad_aspect", f"{width}x{height} beyond max_aspect={max_aspect}")
+
+
 def decode_image(data: bytes, cfg: ImageConfig) -> tuple[np.ndarray, dict[str, Any]]:
     """Validated, oriented RGB uint8 pixels and the original's metadata."""
     fmt, width, height = read_image_size(data)
@@ -245,10 +255,7 @@ def decode_image(data: bytes, cfg: ImageConfig) -> tuple[np.ndarray, dict[str, A
         img = orient(img, exif_orientation(exif))
     rgb = _to_rgb(img)
     h, w = rgb.shape[:2]
-    if min(h, w) < cfg.min_side:
-        raise RecordError("image_too_small", f"{w}x{h}, shorter side below min_side={cfg.min_side}")
-    if max(h, w) / min(h, w) > cfg.max_aspect:
-        raise RecordError("image_bad_aspect", f"{w}x{h} beyond max_aspect={cfg.max_aspect}")
+    check_shape("image", w, h, cfg.min_side, cfg.max_aspect)
     meta = {"format": fmt, "width": int(w), "height": int(h), "channels": int(channels), "bit_depth": depth}
     return rgb, meta
 

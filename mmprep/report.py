@@ -122,6 +122,7 @@ def _scan(data: str, ds: dict, wanted: set[str]) -> dict[str, Any]:
     sample at 100k rows), token counts; all members of `wanted`."""
     numbers: dict[str, list] = defaultdict(list)
     formats: Counter = Counter()
+    video_formats: Counter = Counter()
     unknown = total = 0
     samples: dict[str, dict[str, bytes]] = {}
     for name in ds["shards"]:
@@ -146,7 +147,7 @@ def _scan(data: str, ds: dict, wanted: set[str]) -> dict[str, Any]:
                     numbers["video_height"].append(v.get("height") or 0)
                     numbers["video_duration"].append(v.get("duration") or 0.0)
                     numbers["video_fps"].append(v.get("fps") or 0.0)
-                    formats[("video", f"{v.get('format', '?')} / {v.get('codec', '?')}")] += 1
+                    video_formats[f"{v.get('format', '?')} / {v.get('codec', '?')}"] += 1
                 if "text" in meta:
                     numbers["chars"].append(meta["text"]["chars"])
                     numbers["truncated"].append(bool(meta["text"].get("truncated")))
@@ -155,7 +156,7 @@ def _scan(data: str, ds: dict, wanted: set[str]) -> dict[str, Any]:
                 numbers["tokens"].append(int(ids.shape[0]))
                 unknown += int((ids == UNK_ID).sum())
                 total += int(ids.shape[0])
-    return {"numbers": numbers, "formats": formats, "unknown": unknown, "tokens": total, "samples": samples}
+    return {"numbers": numbers, "formats": formats, "video_formats": video_formats, "unknown": unknown, "tokens": total, "samples": samples}
 
 
 def _counts_section(ds: dict, rejects: list[dict], splits: list[str], labels: list[str | None]) -> str:
@@ -209,15 +210,14 @@ def _distributions_section(ds: dict, scan: dict) -> str:
         charts.append(histogram(n["height"], "original image height", "pixels"))
         charts.append(histogram([w / max(1, h) for w, h in zip(n["width"], n["height"], strict=True)],
                                 "original aspect ratio", "width / height"))
-        out.append(table(["image format", "samples"], sorted(((k, v) for k, v in scan["formats"].items() if isinstance(k, str)),
-                                                            key=lambda kv: -kv[1]), numeric=(1,)))
+        out.append(table(["image format", "samples"], sorted(scan["formats"].items(), key=lambda kv: -kv[1]), numeric=(1,)))
     if n["video_duration"]:
         charts.append(histogram(n["video_duration"], "original video duration", "seconds"))
         charts.append(histogram(n["video_fps"], "original video frame rate", "frames/s"))
         charts.append(histogram([min(w, h) for w, h in zip(n["video_width"], n["video_height"], strict=True)],
                                 "original video frame, shorter side (as displayed)", "pixels"))
-        out.append(table(["video container / codec", "clips"], sorted(((k[1], v) for k, v in scan["formats"].items() if isinstance(k, tuple)),
-                                                                   key=lambda kv: -kv[1]), numeric=(1,)))
+        out.append(table(["video container / codec", "clips"], sorted(scan["video_formats"].items(), key=lambda kv: -kv[1]),
+                         numeric=(1,)))
     if n["duration"]:
         charts.append(histogram(n["duration"], "original audio duration", "seconds"))
         out.append(table(["sample rate (Hz)", "clips"], sorted(Counter(n["sample_rate"]).items()), numeric=(0, 1)))

@@ -72,7 +72,7 @@ from av.container import InputContainer
 from av.stream import Disposition
 
 from mmprep.config import VideoConfig
-from mmprep.image import encode_jpeg, phash, resize_crop
+from mmprep.image import check_shape, encode_jpeg, phash, resize_crop
 from mmprep.records import RecordError
 
 av.logging.set_level(av.logging.PANIC)  # a damaged file makes FFmpeg log a line per packet
@@ -199,7 +199,7 @@ def _check_header(container: InputContainer, stream: av.VideoStream, cfg: VideoC
     if width * height > cfg.max_pixels:
         raise RecordError("video_too_large", f"{width}x{height} exceeds max_pixels={cfg.max_pixels}")
     if width > 0 and height > 0:
-        _check_shape(width, height, cfg)
+        check_shape("video", width, height, cfg.min_side, cfg.max_aspect)
     duration = None
     if stream.duration and stream.duration > 0 and stream.time_base:
         duration = float(stream.duration * stream.time_base)
@@ -210,15 +210,6 @@ def _check_header(container: InputContainer, stream: av.VideoStream, cfg: VideoC
     if stream.frames > cfg.max_frames:
         raise RecordError("video_too_long", f"{stream.frames} frames > max_frames={cfg.max_frames}")
     return duration
-
-
-def _check_shape(width: int, height: int, cfg: VideoConfig) -> None:
-    """The limits an image has (`image.min_side`, `image.max_aspect`), for a clip's frames: a
-    4x4 clip would be blown up to `size`, a 2000x50 strip cropped to its middle 50 pixels."""
-    if min(width, height) < cfg.min_side:
-        raise RecordError("video_too_small", f"{width}x{height}, shorter side below min_side={cfg.min_side}")
-    if max(width, height) / min(width, height) > cfg.max_aspect:
-        raise RecordError("video_bad_aspect", f"{width}x{height} beyond max_aspect={cfg.max_aspect}")
 
 
 def _decode(container: InputContainer, stream: av.stream.Stream, errors: list[str], max_pixels: int = 0) -> Iterator[Any]:
@@ -339,7 +330,7 @@ def _sample(container: InputContainer, stream: av.VideoStream, cfg: VideoConfig,
         if frames.errors:
             raise RecordError("video_undecodable", f"no frame decodes: {frames.errors[0]}")
         raise RecordError("video_no_frames", "the video stream holds no frames")
-    _check_shape(first.frame.width, first.frame.height, cfg)  # the real size (a header can say 0x0, or lie)
+    check_shape("video", first.frame.width, first.frame.height, cfg.min_side, cfg.max_aspect)  # the real size (a header can say 0x0, or lie)
     rotation, mirrored = _rotation(first.frame, stream)
     # when each keyframe is shown: MP4's index holds decoding times, and x264's B-frames show a
     # keyframe two frames after it is decoded; the first frame tells the offset
@@ -394,8 +385,10 @@ def _sample(container: InputContainer, stream: av.VideoStream, cfg: VideoConfig,
 
 def _display_matrix(frame: av.VideoFrame) -> tuple[int, ...] | None:
     for side in frame.side_data:
-        if getattr(side.type, "name", "") == "DISPLAYMATRIX" and len(bytes(side)) == 36:
-            return struct.unpack("=9i", bytes(side))
+        if getattr(side.type, "name", "") == "DISPLAYMATRIX":
+            raw = bytes(side)
+            if len(raw) == 36:
+                return struct.unpack("=9i", raw)
     return None
 
 
