@@ -448,13 +448,16 @@ def read_local(path: str, max_bytes: int) -> bytes | RecordError:
     (/proc), is read on up to the bound."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with open(fd, "rb") as f:
-            info = os.fstat(fd)
+        try:
+            info = os.fstat(fd)  # before open(): it refuses a directory with a message naming the fd number
             if not stat.S_ISREG(info.st_mode):
                 return RecordError("unreadable_file", f"{path}: not a regular file (a {_file_kind(info.st_mode)})")
-            data = f.read(min(info.st_size, max_bytes) + 1)
-            if len(data) > info.st_size:
-                data += f.read(max_bytes + 1 - len(data))
+            with open(fd, "rb", closefd=False) as f:
+                data = f.read(min(info.st_size, max_bytes) + 1)
+                if len(data) > info.st_size:
+                    data += f.read(max_bytes + 1 - len(data))
+        finally:
+            os.close(fd)
     except FileNotFoundError:
         return RecordError("missing_file", path)
     except (OSError, ValueError) as err:

@@ -80,3 +80,21 @@ def test_an_integral_float_label_is_that_integer_and_invisible_characters_do_not
     cfg = LabelConfig()
     assert {resolve_label(x, None, cfg)[0] for x in ("Cat", "cat\u200b", " cat ", "\u202acat\u202c", "CAT\u00ad")} == {"cat"}
     assert resolve_label("big\tcat", None, cfg)[0] == "big cat"  # a tab is a space, not dropped
+
+
+def test_a_directory_named_as_a_media_file_is_a_stable_unreadable_file(tmp_path):
+    """The detail must not name the file descriptor (open() on a directory's fd says
+    "[Errno 21] Is a directory: 7"): it would differ between workers and runs."""
+    from mmprep.manifest import read_local
+    from mmprep.records import RecordError
+
+    (tmp_path / "d.png").mkdir()
+    held = [open(tmp_path / f"f{i}", "w") for i in range(3)]  # other fd numbers than the second call's
+    try:
+        first = read_local(str(tmp_path / "d.png"), 1000)
+    finally:
+        for f in held:
+            f.close()
+    second = read_local(str(tmp_path / "d.png"), 1000)
+    assert isinstance(first, RecordError) and first.reason == "unreadable_file"
+    assert first.detail == second.detail == f"{tmp_path / 'd.png'}: not a regular file (a directory)"
