@@ -214,11 +214,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     try:
         return COMMANDS[argv[0]][0](argv[1:])
+    except BrokenPipeError:  # `mmprep predict … | head -1`: the reader has all it wanted, not an error
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        except (OSError, ValueError):  # a replaced sys.stdout without a file descriptor
+            pass
+        return 141  # 128 + SIGPIPE, as a shell reports a writer killed by it
     except (ConfigError, OSError, ValueError, FloatingPointError) as err:  # bad params/input/shards, NaN in training: one line
         print(f"mmprep {argv[0]}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line, what is left, the shell's exit status for SIGINT
-        print(f"\nmmprep {argv[0]}: interrupted{INTERRUPTED.get(argv[0], '')}", file=sys.stderr)
+        left = INTERRUPTED.get(argv[0], "")
+        if argv[0] == "train" and os.environ.get("DVC_STAGE"):  # DVC deletes a stage's outs before it reruns it
+            left += (f" (`dvc repro` would delete it first: run this stage's command itself, then "
+                     f"`dvc commit {os.environ['DVC_STAGE']}`)")
+        print(f"\nmmprep {argv[0]}: interrupted{left}", file=sys.stderr)
         return 130
 
 

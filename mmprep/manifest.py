@@ -201,12 +201,15 @@ def csv_records(lines: Iterable[bytes], width: int | None = None) -> Iterator[tu
             used = max(reader.line_num, 1)
         except csv.Error as err:
             fields, used, problem = None, 1, f"unparseable CSV: {err}"
-        if fields is not None and used > 1 and (capped or (width is not None and len(fields) != width)):
+        if fields is not None and used > 1 and (capped or (width is not None and len(fields) != width) or not _strict(pending[:used])):
             problem = (
                 f"a quoted field opened on this line is not closed within {CSV_RECORD_BYTES} bytes"
                 if capped
                 else f"a quoted field opened on this line runs over {used} lines into {len(fields)} fields, "
                 f"expected {width} (an unclosed quote?)"
+                if width is not None and len(fields) != width
+                else f"a quoted field opened on this line runs over {used} lines and closes before other text "
+                "(an unclosed quote?)"
             )
             fields, used = None, 1
         if width is None and fields:
@@ -214,6 +217,18 @@ def csv_records(lines: Iterable[bytes], width: int | None = None) -> Iterator[tu
         size = sum(len(line) for line in pending[:used])
         del pending[:used]
         yield fields, used, size, problem
+
+
+def _strict(lines: list[bytes]) -> bool:
+    """Whether a record spanning several lines is well-formed CSV: every quoted field closes
+    right before a delimiter or the record's end. The lenient reader used for a row would accept
+    an unclosed quote that some later line's quote happens to close (`"a ... c7,,"b`), turning
+    the rows in between into one field."""
+    try:
+        list(csv.reader((line.decode("utf-8", errors="surrogateescape") for line in lines), strict=True))
+    except csv.Error:
+        return False
+    return True
 
 
 def group_directory(paths: Iterable[str], root: str) -> Iterator[tuple[str, dict[str, list[str]]]]:

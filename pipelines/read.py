@@ -52,7 +52,7 @@ def resolve_input(src: str) -> tuple[str, str]:
         if not FileSystems.exists(src):
             raise InputError(f"--input {src}: no such manifest file")
         return "manifest", src
-    if src.endswith(".tar"):
+    if src.lower().endswith(TAR_SUFFIXES):  # a compressed tar too: it is one reject, not "no files below it"
         if not FileSystems.exists(src):
             raise InputError(f"--input {src}: no such tar file")
         return "webdataset", src
@@ -70,6 +70,15 @@ def resolve_input(src: str) -> tuple[str, str]:
 
 
 LISTED = {".tar": "webdataset", ".parquet": "parquet"}
+# a gzip-compressed tar is read as a tar so that it is one reject (mmprep reads uncompressed tars
+# only), never dropped from a folder or a list without a word
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def _listed(path: str) -> str | None:
+    """"webdataset"/"parquet" by a file's name, else None."""
+    name = path.lower()
+    return "webdataset" if name.endswith(TAR_SUFFIXES) else LISTED.get(posixpath.splitext(name)[1])
 
 
 def _listed_kind(src: str) -> str | None:
@@ -78,7 +87,7 @@ def _listed_kind(src: str) -> str | None:
     if ("," not in src and "{" not in src) or FileSystems.exists(src):
         return None
     paths = expand_paths(src)
-    kinds = {LISTED.get(posixpath.splitext(p)[1]) for p in paths}
+    kinds = {_listed(p) for p in paths}
     if len(kinds) != 1 or None in kinds:
         return None
     missing = [p for p in paths if not FileSystems.exists(p)]
@@ -95,8 +104,8 @@ def _directory_kind(src: str, paths: list[str]) -> str:
     exts = {posixpath.splitext(r)[1].lower() for r in rel}
     if any(kind_of(e) != "other" for e in exts):
         return "directory"
-    found = [LISTED[e] for e in exts if e in LISTED]
-    return found[0] if len(found) == 1 else "directory"
+    found = {_listed(r) for r in rel} - {None}
+    return found.pop() if len(found) == 1 else "directory"
 
 
 def expand_paths(src: str) -> list[str]:
@@ -141,14 +150,14 @@ def _braces(pattern: str) -> list[str]:
     return [head + x + t for x in items for t in tails]
 
 
-def input_files(src: str, suffix: str) -> list[tuple[str, str]]:
+def input_files(src: str, suffix: str | tuple[str, ...]) -> list[tuple[str, str]]:
     """(path, name) of each file of a WebDataset/Parquet input, in input order: a list or
     pattern as given, a single file, or a folder's files sorted (hidden ones skipped). `name`
     is what `source` shows: the path below the folder, else the base name (the path where
     base names repeat)."""
     if ("," in src or "{" in src) and not FileSystems.exists(src):
         paths = expand_paths(src)
-    elif src.endswith(suffix):
+    elif src.lower().endswith(suffix):
         return [(src, posixpath.basename(src))]
     else:
         found = sorted(m.path for m in FileSystems.match([f"{src}/**"])[0].metadata_list)
@@ -353,7 +362,7 @@ def _plan_webdataset(src: str, per: int) -> Plan:
     """Pieces of `per` samples per tar, found by walking the member headers (tarfile seeks over
     the data); a truncated or corrupt tar adds one row, its damage."""
     ranges, rows = [], 0
-    for path, name in input_files(src, ".tar"):
+    for path, name in input_files(src, TAR_SUFFIXES):
         for seg in _plan_tar(path, name, rows, per):
             ranges.append(Range("webdataset", path, seg.start, seg.stop, seg.line, seg.order, (seg,)))
             rows += seg.count
@@ -381,6 +390,9 @@ def _tar_samples(f, name: str, start: int, stop: int, load: Callable | None = No
     (tar, member, kind) reads a member's content (None: nothing is read). Damage (a truncated
     member, a corrupt header, trailing garbage, not a tar) raises _Damage: the sample being read
     is then lost, the ones yielded before are whole. `seen` gets the global pax headers met."""
+    f.seek(start)
+    if start == 0 and f.read(2) == b"\x1f\x8b":
+        raise _Damage(0, f"{name}: a gzip-compressed tar (mmprep reads uncompressed tars only: gunzip it)")
     f.seek(start)
     try:
         tar = tarfile.open(fileobj=f, mode="r:")

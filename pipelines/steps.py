@@ -3,6 +3,7 @@ write the range's index part. Each step composes pure mmprep functions."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections import deque
@@ -341,6 +342,25 @@ class ProcessRangeFn(beam.DoFn):
         return found if isinstance(found, Reject) else Kept(*found[:5], location, *found[5:])
 
 
+# the code that turns a range's bytes into rows and rejects (parsing, ids, paths, read rejects):
+# a whole range reused by its bytes alone would keep what older parsing code made of them
+READ_CODE = ("mmprep/manifest.py", "pipelines/read.py")
+
+
+@functools.cache
+def read_code_digest() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha256()
+    for name in READ_CODE:
+        try:
+            with open(os.path.join(root, name), "rb") as f:
+                source = f.read()
+        except OSError:
+            source = b""  # installed as bytecode only: the version in the context stands for it
+        digest.update(name.encode() + b"\0" + hashlib.sha256(source).digest())
+    return digest.hexdigest()
+
+
 def range_key(rng: Range, context: str, max_tokens: int) -> str | None:
     """The name under which a whole range's result is cached: everything that decides it
     besides its media files (whose stat keys are checked on reuse) — the params digest, the
@@ -357,7 +377,8 @@ def range_key(rng: Range, context: str, max_tokens: int) -> str | None:
         return None
     # not the byte offsets: a longer line earlier in the file moves them, not the rows that follow
     place = repr((rng.kind, rng.path, rng.line, rng.order, rng.rows if rng.kind == "csv" else ()))
-    return hashlib.sha256(f"{context}|{max_tokens}|{place}|{content}".encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    blob = f"{context}|{read_code_digest()}|{max_tokens}|{place}|{content}"
+    return hashlib.sha256(blob.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
 def range_counts(results: list[Kept | Reject]) -> dict[str, int]:

@@ -133,6 +133,21 @@ def test_ctrl_c_is_one_line_and_exit_status_130(command, monkeypatch, capsys):
     assert "resumes" in err[0] if command == "train" else True
 
 
+def test_ctrl_c_under_dvc_repro_says_how_to_resume_the_stage(monkeypatch, capsys):
+    """`dvc repro` deletes a stage's outputs before running it again: the same command resumes,
+    `dvc repro` would not."""
+    from mmprep import cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "train", (interrupted, *cli.COMMANDS["train"][1:]))
+    monkeypatch.setenv("DVC_STAGE", "train_video")
+    assert cli.main(["train"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert "dvc commit train_video" in err and "resumes" in err
+
+
 def test_a_damaged_dataset_json_is_one_line_naming_it(tmp_path, capsys):
     from mmprep.cli import main
 
@@ -143,3 +158,18 @@ def test_a_damaged_dataset_json_is_one_line_naming_it(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"{tmp_path / 'data' / 'dataset.json'}: not valid JSON" in err[0], err
+
+
+def test_output_into_a_closed_pipe_is_no_error_line(tmp_path):
+    """`mmprep predict … | head -1`: the reader leaves early; that is the shell's SIGPIPE status, not an error."""
+    sys.path.insert(0, str(ROOT / "tests" / "train"))
+    from factory import write_tiny_dataset
+
+    data = write_tiny_dataset(tmp_path / "data", per_split={"train": 4, "val": 2, "test": 2}, shards={"train": 1, "val": 1, "test": 1})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-m", "mmprep.cli", "verify", "--data", str(data)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, cwd=ROOT, env=env)
+    child.stdout.close()  # the reader is gone before anything is written
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=600) == 141, err
+    assert err == "", err

@@ -208,7 +208,9 @@ class Shapes:
 
 
 def collate(samples: list[dict[str, Any]], shapes: Shapes) -> dict[str, Any]:
-    """Pad to a batch; a missing modality is zeros with present[:, m] == False.
+    """Pad to a batch; a missing modality is zeros with present[:, m] == False. Spectrograms of
+    variable length (no `frames`) are padded to the batch's longest, and `audio_frames` (int64
+    [B]) gives each row's own length.
     `keys` and `shards` (lists of str) say where each sample came from, for error messages."""
     n = len(samples)
     frames = shapes.frames or max([s["audio"].shape[1] for s in samples if "audio" in s] or [1])
@@ -237,6 +239,8 @@ def collate(samples: list[dict[str, Any]], shapes: Shapes) -> dict[str, Any]:
             present[i, 3] = True
     label = torch.tensor([s["label"] for s in samples], dtype=torch.long)
     arrays = {"image": image, "audio": audio, "text": text, "video": video, "present": present}
+    if shapes.frames is None:  # variable-length spectrograms (clip_seconds 0): each row's own, for the encoder's mask
+        arrays["audio_frames"] = np.array([min(s["audio"].shape[1], frames) if "audio" in s else 1 for s in samples], np.int64)
     origin = {"keys": [s.get("key", "?") for s in samples], "shards": [s.get("shard", "?") for s in samples]}
     return {**{k: torch.from_numpy(v) for k, v in arrays.items()}, "label": label, **origin}
 

@@ -58,7 +58,7 @@ def predictions(model, prep, batches, device, bf16: bool = False) -> dict[str, n
         out["label"].append(batch["label"].cpu().numpy())
         out["pattern"].append((present.long() << index).sum(1).cpu().numpy())
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            z = model.encode(image, audio, batch["text"], video, present)
+            z = model.encode(image, audio, batch["text"], video, present, batch.get("audio_frames"))
             out["all"].append(model.classify(z, present).argmax(1).cpu().numpy())
             for name, m in ABLATIONS.items():
                 alone = present & (index == m)
@@ -88,7 +88,9 @@ def scores(y: np.ndarray, p: np.ndarray, names: list[str]) -> dict[str, Any]:
     recall = np.divide(tp, cm.sum(1), out=np.zeros(k), where=cm.sum(1) > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
     support = cm.sum(1)
-    present = support > 0
+    # macro F1 over the classes in the split or in the predictions (as scikit-learn's default): a
+    # class predicted but absent from the split scores 0 and counts, it is not dropped
+    present = (support > 0) | (cm.sum(0) > 0)
     return {
         "accuracy": float(tp.sum() / max(1, cm.sum())),
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,

@@ -30,6 +30,29 @@ def conv_stack(in_ch: int, width: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def masked_conv(stack: nn.Sequential, x: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """`conv_stack` over inputs padded along their last axis (variable-length audio: the batch's
+    longest sets the width), each row as if it were alone: the frames from `frames[i]` on are
+    zeroed on input and after every ReLU and pool, so each convolution sees there the zeros its
+    own padding would give, and a ceil-mode pool or the global max (of ReLU outputs, ≥ 0) is
+    not changed by them. Stride 2 and ceil-mode pools halve a length rounding up, as the layers
+    do. (Training-mode BatchNorm statistics still count the pads.)"""
+    length = frames.to(x.device).view(-1, 1, 1, 1)
+
+    def mask(t: torch.Tensor) -> torch.Tensor:
+        return t * (torch.arange(t.shape[-1], device=t.device) < length).to(t.dtype)
+
+    x = mask(x)
+    for layer in stack:
+        x = layer(x)
+        halves = isinstance(layer, nn.MaxPool2d) or (isinstance(layer, nn.Conv2d) and layer.stride[-1] == 2)
+        if halves:
+            length = (length + 1) // 2
+        if isinstance(layer, (nn.ReLU, nn.MaxPool2d)):
+            x = mask(x)
+    return x
+
+
 class TextEncoder(nn.Module):
     def __init__(self, vocab: int, width: int, kind: str, pad_id: int, max_len: int) -> None:
         super().__init__()
@@ -52,7 +75,13 @@ class TextEncoder(nn.Module):
             attend = pad & ~pad.all(dim=1, keepdim=True)
             # an empty batch (no row has text) has no mask attention could reshape
             x = self.body(x + self.pos[:, : x.shape[1]], src_key_padding_mask=attend if len(tokens) else None)
-        else:
+        elif len(tokens):
+            # packed by length: the backward direction starts at each row's last token, so the
+            # vectors do not depend on how many pads the batch's longest text adds after it
+            lengths = (~pad).sum(1).clamp(min=1).cpu()
+            packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            x, _ = nn.utils.rnn.pad_packed_sequence(self.body(packed)[0], batch_first=True, total_length=tokens.shape[1])
+        else:  # an empty batch (no row has text): nothing to pack, every parameter still in the graph
             x, _ = self.body(x)
         keep = (~pad).unsqueeze(-1).to(x.dtype)
         return (x * keep).sum(1) / keep.sum(1).clamp(min=1.0)
@@ -164,11 +193,13 @@ class FusionModel(nn.Module):
         self.aux = nn.ModuleList([nn.Linear(width, classes) if a else nn.Identity() for a in active]) if aux_heads else None
 
     def encode(self, image: torch.Tensor, audio: torch.Tensor, text: torch.Tensor, video: torch.Tensor,
-               present: torch.Tensor) -> torch.Tensor:
+               present: torch.Tensor, audio_frames: torch.Tensor | None = None) -> torch.Tensor:
         """[B, 4, width] projected modality vectors, zeros where a sample lacks the modality (or
         the model does not use it). Each encoder runs on the rows that have its modality only: a
         clip costs T image encodings, and a batch with few clips pays for those few. A batch
-        without any runs it on no rows, so every parameter is still in the graph (DDP)."""
+        without any runs it on no rows, so every parameter is still in the graph (DDP).
+        `audio_frames`: each row's own spectrogram length where the batch pads them to its
+        longest (`audio.clip_seconds: 0`); the vector then does not depend on that padding."""
         inputs = ((self.image, image), (self.audio, audio.unsqueeze(1)), (self.text, text), (self.video, video))
         n = len(present)
         vectors: dict[int, torch.Tensor] = {}
@@ -176,11 +207,14 @@ class FusionModel(nn.Module):
             if enc is None:
                 continue
             rows = present[:, m].nonzero().squeeze(1)
-            if len(rows) == n:
-                vectors[m] = self.proj[m](enc(x))
+            every = len(rows) == n
+            x = x if every else x.index_select(0, rows)
+            if m == 1 and audio_frames is not None:
+                frames = audio_frames.to(x.device)
+                v = self.proj[m](masked_conv(enc, x, frames if every else frames.index_select(0, rows)))
             else:
-                v = self.proj[m](enc(x.index_select(0, rows)))
-                vectors[m] = v.new_zeros((n, v.shape[1])).index_copy(0, rows, v)
+                v = self.proj[m](enc(x))
+            vectors[m] = v if every else v.new_zeros((n, v.shape[1])).index_copy(0, rows, v)
         some = next(iter(vectors.values()))
         return torch.stack([vectors.get(m, some.new_zeros(some.shape)) for m in range(len(MODALITIES))], dim=1)
 
@@ -190,12 +224,13 @@ class FusionModel(nn.Module):
         return self.head(self.fusion(z[:, : self.slots], (present & self.use)[:, : self.slots]))
 
     def forward(self, image: torch.Tensor, audio: torch.Tensor, text: torch.Tensor, video: torch.Tensor,
-                present: torch.Tensor, with_aux: bool = False,
-                fused: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                present: torch.Tensor, with_aux: bool = False, fused: torch.Tensor | None = None,
+                audio_frames: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, C]; with `with_aux` also the unimodal heads' logits [B, 4, C] (zeros for an
         unused modality). `fused`: the presence the fusion sees, if not `present` (modality
-        dropout: the unimodal heads still train on every modality a sample has)."""
-        z = self.encode(image, audio, text, video, present & self.use)
+        dropout: the unimodal heads still train on every modality a sample has). `audio_frames`:
+        as for `encode`."""
+        z = self.encode(image, audio, text, video, present & self.use, audio_frames)
         logits = self.classify(z, present if fused is None else fused)
         if not with_aux:
             return logits

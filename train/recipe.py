@@ -292,9 +292,11 @@ def objective(net, image, audio, video, batch, present, cfg: TrainConfig) -> tup
     target = label.clamp(min=0)
     dropped = modality_dropout(present, cfg.modality_dropout, cfg.single_modality)
     if cfg.aux_loss > 0:
-        logits, aux = net(image, audio, batch["text"], video, present, with_aux=True, fused=dropped)
+        logits, aux = net(image, audio, batch["text"], video, present, with_aux=True, fused=dropped,
+                          audio_frames=batch.get("audio_frames"))
     else:
-        logits, aux = net(image, audio, batch["text"], video, present, fused=dropped), None
+        logits, aux = net(image, audio, batch["text"], video, present, fused=dropped,
+                          audio_frames=batch.get("audio_frames")), None
     # a mean over labeled samples only: a batch without labels gives 0, not NaN (0/0)
     fused = F.cross_entropy(logits.float(), target, reduction="none")
     loss = torch.where(labeled, fused, 0.0).sum() / labeled.sum().clamp(min=1)

@@ -308,6 +308,24 @@ def test_csv_long_fields_and_unclosed_quotes_lose_no_row(tmp_path):
     assert ds["counts"]["input_rows"] == 5
 
 
+def test_an_unclosed_quote_that_a_later_quote_happens_to_close_loses_no_row(tmp_path):
+    """The quote opened on b's line is closed by c's `"` (into the header's width): the lenient
+    csv reader would make b's text of b, c's line and d's line, and c and d would be gone."""
+    text = (
+        "id,text,label\n"
+        'b,"an unclosed quote,x\n'
+        "c,plain caption,y\n"
+        'd,"a ""quoted"" caption",x\n'
+        "e,last,y\n"
+    )
+    (tmp_path / "manifest.csv").write_text(text)
+    manifest, rejects, ds = prepare(tmp_path / "manifest.csv", tmp_path / "out", params_with(tmp_path, max_reject_ratio=0.9))
+    assert sorted(r["id"] for r in manifest) == ["c", "d", "e"]
+    assert [(r["source"], r["reason"]) for r in rejects] == [("manifest.csv:2", "malformed_row")]
+    assert "unclosed quote" in rejects[0]["detail"]
+    assert ds["counts"]["input_rows"] == 4
+
+
 def test_repeated_columns_are_a_one_line_error_before_any_work(tmp_path, capsys):
     import pyarrow as pa
 

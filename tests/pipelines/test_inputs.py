@@ -311,6 +311,24 @@ def test_a_corrupt_tar_is_one_reject_after_the_samples_before_it(tmp_path, cut):
     assert [getattr(r, "reason", "kept") for r in rows] == (["kept"] * 3 if cut == "header" else []) + ["malformed_row"]
 
 
+def test_a_gzipped_tar_is_one_reject_never_dropped(tmp_path):
+    """README: `.tar.gz` inputs are one reject each. In a folder of tars (or a list) one was
+    skipped without a word, and given alone it was "no files below it"."""
+    import gzip
+
+    folder = shards(tmp_path / "wds", n=1, per=3)
+    raw = tar_of(tmp_path / "z.tar", [m for i in range(2) for m in sample(f"z{i}", 50 + i)]).read_bytes()
+    (folder / "shard-001.tar.gz").write_bytes(gzip.compress(raw, mtime=0))
+    (tmp_path / "alone.tgz").write_bytes(gzip.compress(raw, mtime=0))
+    for given, kept in ((folder, 3), (f"{folder}/shard-000.tar,{folder}/shard-001.tar.gz", 3), (tmp_path / "alone.tgz", 0)):
+        out = tmp_path / f"out-{kept}-{len(str(given))}"
+        assert prepare_main(["--input", str(given), "--output", str(out), "--params", str(params_with(tmp_path, max_reject_ratio=1.0))]) == 0
+        rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+        assert len(pq.read_table(out / "manifest.parquet")) == kept
+        assert [r["reason"] for r in rejects] == ["malformed_row"] and "gzip" in rejects[0]["detail"]
+        assert json.loads((out / "dataset.json").read_text())["counts"]["input_rows"] == kept + 1
+
+
 def test_tar_range_boundaries_do_not_change_the_rows(tmp_path, monkeypatch):
     """Pieces of one sample each (several per tar, merged per range) read the same rows as one
     piece per tar; hidden members and directories never count as samples."""

@@ -74,3 +74,16 @@ def test_index_links_parse_to_their_64_bit_values_without_python_objects():
     for bad in ("d6326f983b7ccf0g", "abc"):  # a damaged index part is an error, never a wrong link
         with pytest.raises((ValueError, pa.ArrowInvalid)):
             _hex64(pa.chunked_array([pa.array([bad])]))
+
+
+def test_a_reused_range_depends_on_the_parsing_code(tmp_path, monkeypatch):
+    """A whole range is reused by its bytes; what the parser made of them (rows, read rejects)
+    must not outlive a change to the parsing code (mmprep/manifest.py, pipelines/read.py)."""
+    from pipelines import steps
+    from pipelines.read import Range
+
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "text": "t"}\n')
+    rng = Range("jsonl", str(tmp_path / "m.jsonl"), 0, 25, 1, 0)
+    before = steps.range_key(rng, "ctx", 32)
+    monkeypatch.setattr(steps, "read_code_digest", lambda: "other parsing code")
+    assert steps.range_key(rng, "ctx", 32) != before

@@ -8,6 +8,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -220,3 +221,16 @@ def test_evaluate_on_a_split_without_labels_is_one_line_not_a_crash(tiny, tmp_pa
         evaluate(str(data), str(run), str(tmp_path / "m.json"), EvaluateConfig())
     assert evaluate(str(data), str(run), str(tmp_path / "m.json"), EvaluateConfig(split="val"))["samples"] == 64
 
+
+
+def test_macro_f1_counts_a_class_predicted_but_absent_from_the_split():
+    """Predicting a class the split lacks is a mistake macro F1 must show (scikit-learn's default
+    averages over the classes in the labels or the predictions)."""
+    from train.evaluate import scores
+
+    y = np.array([0, 0, 1, 1])
+    exact = scores(y, y.copy(), ["a", "b", "c"])
+    wrong = scores(y, np.array([0, 2, 1, 1]), ["a", "b", "c"])  # one "a" called "c", a class with no sample
+    assert exact["macro_f1"] == 1.0
+    # a: P 1, R 0.5 → 2/3; b: 1; c: 0 (predicted once, never right) → (2/3 + 1 + 0) / 3
+    assert wrong["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)
