@@ -43,6 +43,15 @@ def decode_audio(data: bytes, cfg: AudioConfig) -> tuple[np.ndarray, int, dict[s
         if "Format not recognised" not in message:
             raise RecordError("audio_undecodable", message) from None
         return _decode_ffmpeg(data, cfg, message)
+    if wave.shape[0] == 0:  # a header whose sizes were never written (a recorder stopped mid-stream,
+        try:                # a WAV written to a pipe) says 0 frames: FFmpeg reads the samples to the end
+            mono, rate, found = _decode_ffmpeg(data, cfg, "the header declares no samples")
+        except RecordError as err:
+            if err.reason != "audio_undecodable":
+                raise
+        else:
+            if mono.shape[0]:
+                return mono, rate, {**meta, "sample_rate": rate, "duration": found["duration"]}
     meta["duration"] = round(frames / sr if frames > 0 else wave.shape[0] / sr, 4)
     return wave.mean(axis=1, dtype=np.float64).astype(np.float32), sr, meta
 

@@ -62,7 +62,7 @@ def _manifest_keys(data_dir: str) -> dict[str, list[str]] | None:
         import pyarrow.parquet as pq
 
         with open_member(data_dir, "manifest.parquet") as f:
-            table = pq.read_table(io.BytesIO(f.read()), columns=["key", "shard"])
+            table = pq.read_table(io.BytesIO(f.read()), columns=["key", "shard"], use_threads=False)  # no pool left at exit
     except Exception:  # noqa: BLE001 - reported by the caller as a missing manifest
         return None
     keys: dict[str, list[str]] = {}

@@ -143,6 +143,23 @@ def test_wav_of_any_depth_rate_and_channels_gives_fixed_logmel(subtype, sr, chan
     assert np.isfinite(feats.astype(np.float32)).all()
 
 
+def test_a_wav_whose_header_never_got_its_sizes_keeps_its_samples():
+    """A recorder stopped mid-stream, or a WAV written to a pipe, leaves the data size 0 in the
+    header: libsndfile reads no samples, the file holds a whole clip."""
+    full = wav_bytes(tone(22050, 0.8, 880), 22050)
+    streamed = bytearray(full)
+    at = streamed.index(b"data")
+    streamed[at + 4 : at + 8] = struct.pack("<I", 0)
+    streamed[4:8] = struct.pack("<I", 0)
+    a, b = process_audio(full, AUD), process_audio(bytes(streamed), AUD)
+    assert b.meta["duration"] == pytest.approx(0.8, abs=0.01) and b.meta["format"] == "WAV"
+    assert np.array_equal(a.features, b.features)
+    header_only = bytes(streamed[: at + 8])  # the sizes unwritten and no samples: still a reject
+    with pytest.raises(RecordError) as err:
+        process_audio(header_only, AUD)
+    assert err.value.reason == "audio_too_short"
+
+
 def test_flac_ogg_and_mp3_decode():
     for fmt, subtype in (("FLAC", "PCM_16"), ("OGG", "VORBIS"), ("MP3", "MPEG_LAYER_III")):
         result = process_audio(wav_bytes(tone(16000, 0.5), 16000, fmt, subtype), AUD)
