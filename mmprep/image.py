@@ -94,8 +94,43 @@ def _jpeg_components(d: bytes) -> int:
     return 3
 
 
+def _tiff_ifd0(d: bytes) -> dict[int, int]:
+    """The single-valued SHORT/LONG tags of a TIFF's first image directory (classic TIFF and
+    BigTIFF, either byte order); the directory's entries are bounded by the file."""
+    order = {b"II": "<", b"MM": ">"}[d[:2]]
+    big = struct.unpack(order + "H", d[2:4])[0] == 43
+    (ifd,) = struct.unpack(order + ("Q" if big else "I"), d[8:16] if big else d[4:8])
+    count_fmt, entry_size, value_at = ("Q", 20, 12) if big else ("H", 12, 8)
+    head = struct.calcsize(count_fmt)
+    (count,) = struct.unpack(order + count_fmt, d[ifd : ifd + head])
+    tags: dict[int, int] = {}
+    for i in range(min(count, 4096)):
+        entry = d[ifd + head + entry_size * i : ifd + head + entry_size * (i + 1)]
+        if len(entry) < entry_size:
+            break
+        tag, kind = struct.unpack(order + "HH", entry[:4])
+        if kind == 3:
+            tags[tag] = struct.unpack(order + "H", entry[value_at : value_at + 2])[0]
+        elif kind == 4:
+            tags[tag] = struct.unpack(order + "I", entry[value_at : value_at + 4])[0]
+        elif kind == 16 and big:  # LONG8
+            tags[tag] = struct.unpack(order + "Q", entry[value_at : value_at + 8])[0]
+    return tags
+
+
+def _tiff(d: bytes) -> tuple[int, int]:
+    tags = _tiff_ifd0(d)
+    if 256 not in tags or 257 not in tags:
+        raise ValueError("no ImageWidth/ImageLength in the first directory")
+    return tags[256], tags[257]
+
+
 _SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "png", _png),
+    (b"II*\x00", "tiff", _tiff),
+    (b"MM\x00*", "tiff", _tiff),
+    (b"II+\x00", "tiff", _tiff),  # BigTIFF
+    (b"MM\x00+", "tiff", _tiff),
     (b"\xff\xd8\xff", "jpeg", _jpeg),
     (b"GIF87a", "gif", _gif),
     (b"GIF89a", "gif", _gif),
@@ -115,7 +150,7 @@ def read_image_size(data: bytes) -> tuple[str, int, int]:
         raise RecordError("image_undecodable", f"unsupported format or not an image (starts with {data[:8]!r})")
     try:
         width, height = parser(data)
-    except (ValueError, IndexError, struct.error) as err:
+    except (ValueError, IndexError, KeyError, struct.error) as err:
         raise RecordError("image_undecodable", f"{fmt}: unreadable header ({err or type(err).__name__})") from None
     if width <= 0 or height <= 0:
         raise RecordError("image_undecodable", f"{fmt}: header declares {width}x{height}")
@@ -241,7 +276,8 @@ def decode_image(data: bytes, cfg: ImageConfig) -> tuple[np.ndarray, dict[str, A
     exif = _png_exif(data) if fmt == "png" else _webp_exif(data) if fmt == "webp" else None
     buf = np.frombuffer(data, np.uint8)
     try:  # decoded once: JPEG as colour (OpenCV applies its EXIF orientation and converts CMYK),
-        # the rest unchanged (alpha and 16-bit kept), oriented here from their eXIf/EXIF chunk
+        # the rest unchanged (alpha and 16-bit kept; a TIFF's first page, its Orientation tag
+        # applied by OpenCV), PNG/WebP oriented here from their eXIf/EXIF chunk
         img = cv2.imdecode(buf, cv2.IMREAD_COLOR if fmt == "jpeg" else cv2.IMREAD_UNCHANGED)
     except cv2.error as err:
         if "Insufficient memory" in str(err):
@@ -251,7 +287,7 @@ def decode_image(data: bytes, cfg: ImageConfig) -> tuple[np.ndarray, dict[str, A
         raise RecordError("image_undecodable", f"{fmt}: OpenCV could not decode it")
     channels = _jpeg_components(data) if fmt == "jpeg" else 1 if img.ndim == 2 else img.shape[2]
     depth = 16 if img.dtype == np.uint16 else 8
-    if fmt != "jpeg":
+    if fmt not in ("jpeg", "tiff"):
         img = orient(img, exif_orientation(exif))
     rgb = _to_rgb(img)
     h, w = rgb.shape[:2]

@@ -311,3 +311,46 @@ def test_alpha_is_composited_on_white_exactly():
     bgra = np.stack([c, c, c, a], axis=-1).astype(np.uint8)
     expected = np.round(c * a / 255 + 255 * (1 - a / 255)).astype(np.uint8)
     assert (_to_rgb(bgra) == expected[:, :, None]).all()
+
+
+def tiff_bytes(arr: np.ndarray, orientation: int = 1, **save) -> bytes:
+    """A TIFF as scanners, microscopes and photo tools write them (Pillow), RGB in."""
+    from PIL import Image
+
+    im = Image.fromarray(arr)
+    exif = im.getexif()
+    if orientation != 1:
+        exif[0x0112] = orientation
+    buf = io.BytesIO()
+    im.save(buf, "TIFF", exif=exif, **save)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("save", [{}, {"compression": "tiff_lzw"}, {"compression": "tiff_adobe_deflate"},
+                                  {"compression": "jpeg"}, {"big_tiff": True}], ids=["raw", "lzw", "deflate", "jpeg", "bigtiff"])
+def test_tiff_decodes_like_the_other_formats(save):
+    rgb = cv2.cvtColor(scene(), cv2.COLOR_BGR2RGB)
+    data = tiff_bytes(rgb, **save)
+    assert read_image_size(data) == ("tiff", 120, 90)
+    result = process_image(data, IMG)
+    assert result.meta["format"] == "tiff" and (result.meta["width"], result.meta["height"]) == (120, 90)
+    out = decode_jpg(result.jpg)
+    assert out[16, 2, 2] > out[16, 2, 0] and out[16, 29, 0] > out[16, 29, 2]  # left blue, right red
+    assert hamming(result.phash, process_image(enc(".png", scene()), IMG).phash) <= 4
+
+
+def test_tiff_orientation_16_bit_and_a_bomb_header():
+    rgb = cv2.cvtColor(scene(), cv2.COLOR_BGR2RGB)
+    upright = process_image(enc(".png", cv2.rotate(scene(), cv2.ROTATE_90_CLOCKWISE)), IMG)
+    turned = process_image(tiff_bytes(rgb, orientation=6), IMG)  # stored sideways, tagged "rotate 90° CW"
+    assert (turned.meta["width"], turned.meta["height"]) == (90, 120)
+    assert hamming(turned.phash, upright.phash) <= 4
+    deep = process_image(enc(".tiff", scene().astype(np.uint16) * 257), IMG)
+    assert deep.meta["bit_depth"] == 16 and deep.meta["format"] == "tiff"
+    bomb = bytearray(tiff_bytes(rgb))
+    for tag in (256, 257):  # ImageWidth, ImageLength (Pillow writes them as LONG): 60000 x 60000
+        at = bomb.index(struct.pack("<HHI", tag, 4, 1))
+        bomb[at + 8 : at + 12] = struct.pack("<I", 60000)
+    with pytest.raises(RecordError) as err:
+        process_image(bytes(bomb), IMG)
+    assert err.value.reason == "image_too_large"
