@@ -125,6 +125,69 @@ def _tiff(d: bytes) -> tuple[int, int]:
     return tags[256], tags[257]
 
 
+def _boxes(d: bytes, start: int, end: int):
+    """(type, payload start, payload end) of the ISOBMFF boxes in d[start:end], sizes bounded by it."""
+    pos = start
+    while pos + 8 <= end:
+        size, kind = struct.unpack(">I4s", d[pos : pos + 8])
+        head = 8
+        if size == 1:
+            (size,) = struct.unpack(">Q", d[pos + 8 : pos + 16])
+            head = 16
+        elif size == 0:
+            size = end - pos
+        if size < head or pos + size > end:
+            raise ValueError(f"box {kind!r} declares {size} bytes past its parent")
+        yield kind, pos + head, pos + size
+        pos += size
+
+
+def _avif_properties(d: bytes) -> list[tuple[bytes, bytes]]:
+    """(type, payload) of the item property boxes (meta → iprp → ipco), in file order."""
+    for kind, a, b in _boxes(d, 0, len(d)):
+        if kind == b"meta":  # a full box: version and flags first
+            return [(k4, d[a4:b4]) for k2, a2, b2 in _boxes(d, a + 4, b) if k2 == b"iprp"
+                    for k3, a3, b3 in _boxes(d, a2, b2) if k3 == b"ipco"
+                    for k4, a4, b4 in _boxes(d, a3, b3)]
+    return []
+
+
+def _avif(d: bytes) -> tuple[int, int]:
+    """The largest image spatial extent (`ispe`) among the item properties: a grid's full size,
+    not one tile's."""
+    sizes = [struct.unpack(">II", p[4:12]) for k, p in _avif_properties(d) if k == b"ispe" and len(p) >= 12]
+    if not sizes:
+        raise ValueError("no image size (ispe) in its item properties")
+    return max(sizes, key=lambda wh: wh[0] * wh[1])
+
+
+def _avif_orient(img: np.ndarray, d: bytes) -> np.ndarray:
+    """AVIF's own orientation, which OpenCV leaves to the caller: `irot` (quarter turns
+    anticlockwise) and `imir` (mirror: 0 top↔bottom, 1 left↔right, as libavif reads it), in file order — how
+    Pillow and phones store an EXIF orientation in AVIF."""
+    turns = (None, cv2.ROTATE_90_COUNTERCLOCKWISE, cv2.ROTATE_180, cv2.ROTATE_90_CLOCKWISE)
+    for kind, payload in _avif_properties(d):
+        if kind == b"irot" and payload and turns[payload[0] & 3] is not None:
+            img = cv2.rotate(img, turns[payload[0] & 3])
+        elif kind == b"imir" and payload:
+            img = cv2.flip(img, 0 if payload[0] & 1 == 0 else 1)
+    return img
+
+
+def _isobmff_image(d: bytes) -> str | None:
+    """"avif" for an AVIF, "heif" for HEIC/HEIF (phones' photos: OpenCV has no decoder), by the
+    ftyp box's brands; None for anything else."""
+    if d[4:8] != b"ftyp" or len(d) < 16:
+        return None
+    size = min(struct.unpack(">I", d[:4])[0], len(d), 256)
+    brands = {d[8:12]} | {d[i : i + 4] for i in range(16, size - 3, 4)}
+    if brands & {b"avif", b"avis"}:
+        return "avif"
+    if brands & {b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1"}:
+        return "heif"
+    return None
+
+
 _SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "png", _png),
     (b"II*\x00", "tiff", _tiff),
@@ -146,6 +209,12 @@ def read_image_size(data: bytes) -> tuple[str, int, int]:
             parser, fmt = fn, name
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         parser, fmt = _webp, "webp"
+    box = _isobmff_image(data)
+    if box == "avif":
+        parser, fmt = _avif, "avif"
+    elif box == "heif":
+        raise RecordError("image_undecodable", "HEIC/HEIF (a phone's photo format) has no decoder here: convert it "
+                          "to JPEG or PNG first (e.g. `heif-convert`, or ImageMagick `magick x.heic x.jpg`)")
     if parser is None:
         raise RecordError("image_undecodable", f"unsupported format or not an image (starts with {data[:8]!r})")
     try:
@@ -287,7 +356,9 @@ def decode_image(data: bytes, cfg: ImageConfig) -> tuple[np.ndarray, dict[str, A
         raise RecordError("image_undecodable", f"{fmt}: OpenCV could not decode it")
     channels = _jpeg_components(data) if fmt == "jpeg" else 1 if img.ndim == 2 else img.shape[2]
     depth = 16 if img.dtype == np.uint16 else 8
-    if fmt not in ("jpeg", "tiff"):
+    if fmt == "avif":
+        img = _avif_orient(img, data)
+    elif fmt not in ("jpeg", "tiff"):
         img = orient(img, exif_orientation(exif))
     rgb = _to_rgb(img)
     h, w = rgb.shape[:2]

@@ -20,7 +20,7 @@ from typing import Any
 from mmprep.records import REASONS, RawRow, RecordError, Reject, has_surrogates, printable, stable_detail
 
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".avif"}
 # every container libsndfile reads by content (the extension only sorts files in a directory layout)
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".snd", ".caf", ".w64", ".rf64",
               ".m4a", ".aac", ".wma", ".ac3", ".amr"}  # the last five through FFmpeg (audio.decode_audio)

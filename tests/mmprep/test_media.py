@@ -354,3 +354,31 @@ def test_tiff_orientation_16_bit_and_a_bomb_header():
     with pytest.raises(RecordError) as err:
         process_image(bytes(bomb), IMG)
     assert err.value.reason == "image_too_large"
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_avif_decodes_upright_and_heic_says_what_to_do(orientation):
+    """AVIF (web and phone photos) stores an EXIF orientation as irot/imir boxes, which OpenCV
+    does not apply; the result must look like the same picture turned by hand."""
+    from PIL import Image, features
+
+    from mmprep.image import orient
+
+    if not features.check("avif"):
+        pytest.skip("this Pillow cannot write AVIF")
+    rgb = cv2.cvtColor(scene(), cv2.COLOR_BGR2RGB)
+    rgb[:30, :30] = (0, 255, 0)  # a corner mark: every turn and mirror differs
+    im = Image.fromarray(rgb)
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    im.save(buf, "AVIF", exif=exif, quality=95)
+    got = process_image(buf.getvalue(), IMG)
+    want = process_image(enc(".png", orient(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), orientation)), IMG)
+    assert got.meta["format"] == "avif"
+    assert (got.meta["width"], got.meta["height"]) == (want.meta["width"], want.meta["height"])
+    assert hamming(got.phash, want.phash) <= 8
+    heic = struct.pack(">I4s4sI4s4s", 24, b"ftyp", b"heic", 0, b"mif1", b"heic") + b"\0" * 64
+    with pytest.raises(RecordError, match="HEIC") as err:
+        process_image(heic, IMG)
+    assert err.value.reason == "image_undecodable"
