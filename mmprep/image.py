@@ -94,27 +94,25 @@ def _jpeg_components(d: bytes) -> int:
     return 3
 
 
-def _tiff_ifd0(d: bytes) -> dict[int, int]:
-    """The single-valued SHORT/LONG tags of a TIFF's first image directory (classic TIFF and
-    BigTIFF, either byte order); the directory's entries are bounded by the file."""
+def _tiff_ifd0(d: bytes) -> dict[int, tuple[int, int]]:
+    """{tag: (type, value)} of the single-valued SHORT/LONG tags of a TIFF's first image
+    directory (classic TIFF and BigTIFF, either byte order; an EXIF block is one too); the
+    directory's entries are bounded by the file."""
     order = {b"II": "<", b"MM": ">"}[d[:2]]
     big = struct.unpack(order + "H", d[2:4])[0] == 43
     (ifd,) = struct.unpack(order + ("Q" if big else "I"), d[8:16] if big else d[4:8])
     count_fmt, entry_size, value_at = ("Q", 20, 12) if big else ("H", 12, 8)
     head = struct.calcsize(count_fmt)
     (count,) = struct.unpack(order + count_fmt, d[ifd : ifd + head])
-    tags: dict[int, int] = {}
+    tags: dict[int, tuple[int, int]] = {}
     for i in range(min(count, 4096)):
         entry = d[ifd + head + entry_size * i : ifd + head + entry_size * (i + 1)]
         if len(entry) < entry_size:
             break
         tag, kind = struct.unpack(order + "HH", entry[:4])
-        if kind == 3:
-            tags[tag] = struct.unpack(order + "H", entry[value_at : value_at + 2])[0]
-        elif kind == 4:
-            tags[tag] = struct.unpack(order + "I", entry[value_at : value_at + 4])[0]
-        elif kind == 16 and big:  # LONG8
-            tags[tag] = struct.unpack(order + "Q", entry[value_at : value_at + 8])[0]
+        fmt = {3: "H", 4: "I", 16: "Q" if big else ""}.get(kind)  # SHORT, LONG, LONG8 (BigTIFF)
+        if fmt:
+            tags[tag] = (kind, struct.unpack(order + fmt, entry[value_at : value_at + struct.calcsize(fmt)])[0])
     return tags
 
 
@@ -122,7 +120,7 @@ def _tiff(d: bytes) -> tuple[int, int]:
     tags = _tiff_ifd0(d)
     if 256 not in tags or 257 not in tags:
         raise ValueError("no ImageWidth/ImageLength in the first directory")
-    return tags[256], tags[257]
+    return tags[256][1], tags[257][1]
 
 
 def _boxes(d: bytes, start: int, end: int):
@@ -269,18 +267,10 @@ def exif_orientation(exif: bytes | None) -> int:
         return 1
     tiff = exif[6:] if exif.startswith(b"Exif\0\0") else exif
     try:
-        order = {b"II": "<", b"MM": ">"}[tiff[:2]]
-        (ifd,) = struct.unpack(order + "I", tiff[4:8])
-        (count,) = struct.unpack(order + "H", tiff[ifd : ifd + 2])
-        for i in range(min(count, 512)):
-            entry = tiff[ifd + 2 + 12 * i : ifd + 14 + 12 * i]
-            tag, kind = struct.unpack(order + "HH", entry[:4])
-            if tag == 0x0112 and kind == 3:
-                value = struct.unpack(order + "H", entry[8:10])[0]
-                return value if 1 <= value <= 8 else 1
-    except (KeyError, struct.error):
+        kind, value = _tiff_ifd0(tiff).get(0x0112, (3, 1))
+    except (KeyError, IndexError, struct.error):
         return 1
-    return 1
+    return value if kind == 3 and 1 <= value <= 8 else 1
 
 
 def orient(img: np.ndarray, orientation: int) -> np.ndarray:
