@@ -20,6 +20,7 @@ os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 import argparse  # noqa: E402
 import json
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -156,6 +157,36 @@ def pipeline_options(beam_args: list[str], workers: int | None) -> PipelineOptio
     return options
 
 
+def local_runner(options: PipelineOptions):
+    """The runner object for `beam.Pipeline`: for the local FnApiRunner with worker processes
+    (`--direct_running_mode multi_processing`), one whose workers start as
+    `python -m pipelines.worker` (Beam's SDK worker, without pandas: ~0.5 s less start-up each);
+    None (Beam builds the runner named in the options) otherwise."""
+    std, direct = options.view_as(StandardOptions), options.view_as(DirectOptions)
+    if std.runner != "FnApiRunner" or direct.direct_running_mode != "multi_processing":
+        return None
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    from apache_beam.transforms.environments import SubprocessSDKEnvironment
+
+    command = f"{shlex.quote(sys.executable)} -m pipelines.worker"
+
+    class LocalRunner(FnApiRunner):
+        """FnApiRunner whose worker processes run `command`: Beam sets its own worker command
+        in `run_pipeline` when the running mode is multi_processing; this runner keeps ours.
+        (Should Beam rename that attribute, its own command is used: the same workers, pandas
+        imported.)"""
+
+        @property
+        def _default_environment(self):
+            return SubprocessSDKEnvironment.from_command_string(command_string=command)
+
+        @_default_environment.setter
+        def _default_environment(self, value) -> None:
+            pass
+
+    return LocalRunner()
+
+
 def build(p: beam.Pipeline, plan: Plan, out: str, cfg: PrepareConfig, store: str, reuse: bool, progress: str | None,
           run: str = "", overlap: bool = True) -> None:
     """A straight line: per-range processing (parallel) → one global plan over light
@@ -276,7 +307,7 @@ def run(argv: list[str] | None = None) -> int:
     log = None
     try:
         # quiet by default: Beam's worker processes log their start and stop at INFO on our stderr
-        with only_our_lines(args.verbose == 0) as log, Reporter(progress, plan.rows), beam.Pipeline(options=options) as p:
+        with only_our_lines(args.verbose == 0) as log, Reporter(progress, plan.rows), beam.Pipeline(local_runner(options), options=options) as p:
             # Beam 2.77's DaskRunner drops what a DoFn emits from finish_bundle (it collects a
             # partition's output before calling it): ranges are finished one by one there
             build(p, plan, out, cfg, store, not args.no_cache, progress, run_id, overlap=not str(runner).endswith("DaskRunner"))

@@ -82,6 +82,13 @@ def test_prepare_on_two_workers_prints_only_our_own_lines_and_all_of_beams_with_
     assert loud.returncode == 0, loud.stderr[-2000:]
     assert "INFO:apache_beam.runners.worker.sdk_worker" in loud.stderr  # the workers' own logs, when asked for
     assert (tmp_path / "q" / "dataset.json").read_bytes() == (tmp_path / "l" / "dataset.json").read_bytes()
+    # the program blocks pandas in its own process (and its workers) with the local runner:
+    # in-process work (one worker) writes its tables through pyarrow all the same
+    one = mm("prepare", "--input", str(corpus), "--output", str(tmp_path / "one"), "--params", str(ROOT / "params.yaml"),
+             "--no-cache")
+    assert one.returncode == 0, one.stderr[-2000:]
+    for name in ("dataset.json", "manifest.parquet", "rejects.parquet"):
+        assert (tmp_path / "q" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
 
 
 def test_the_top_level_help_lists_every_command_with_what_it_does():

@@ -274,3 +274,31 @@ def test_a_rerun_reuses_whole_unchanged_ranges_and_rebuilds_the_rest(tmp_path, c
     run(capsys, manifest, tmp_path / "scratch-c", "--no-cache")
     for name in ("b", "b2", "c"):
         assert digests(tmp_path / name) == digests(tmp_path / f"scratch-{name[0]}")
+
+
+def test_local_worker_processes_start_without_pandas(tmp_path):
+    """`--workers 2` runs Beam's SDK worker through pipelines.worker (pandas blocked: ~0.5 s of
+    each worker's start-up), in separate processes, with Beam's results."""
+    import os
+
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that
+
+    from pipelines.prepare import local_runner
+    from pipelines.prepare import pipeline_options as options
+
+    opts = options([], 2)
+    runner = local_runner(opts)
+    assert runner is not None and local_runner(options(["--runner", "PortableRunner"], 2)) is None
+    assert local_runner(options([], 1)) is None  # one worker runs in this process
+
+    driver = os.getpid()
+
+    def check(seen):  # runs in a worker too: the driver's pid is captured
+        pids = {pid for pid, _ in seen}
+        assert len(seen) == 40 and driver not in pids, pids
+        assert all(blocked for _, blocked in seen), seen
+
+    probe = lambda _: (__import__("os").getpid(), "pandas" not in __import__("sys").modules)  # noqa: E731
+    with beam.Pipeline(runner, options=opts) as p:
+        assert_that(p | beam.Create(range(40)) | beam.Reshuffle() | beam.Map(probe), check)
