@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
+import tempfile
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -325,6 +328,67 @@ def check_shape(kind: str, width: int, height: int, min_side: int, max_aspect: f
         raise RecordError(f"{kind}_bad_aspect", f"{width}x{height} beyond max_aspect={max_aspect}")
 
 
+# libjpeg's warnings that mean scan data is missing or wrong: it goes on and fills the rest of
+# the picture with flat grey (or garbage), and OpenCV returns that image as if it were whole.
+# Warnings about harmless oddities ("N extraneous bytes before marker", a bad ICC marker) are not
+# among them: such files decode completely.
+_JPEG_DATA_LOSS = (b"premature end of data segment", b"instead of RST", b"bad Huffman code", b"bad arithmetic code",
+                   b"Premature end of JPEG file")
+_LIBJPEG_LINES = (b"Corrupt JPEG data", b"Premature end of JPEG file")
+_stderr_lock = threading.Lock()
+_stderr_file: list[Any] = []  # the spool file, made on first use
+
+
+def _after_fork() -> None:
+    """A forked child gets its own lock (another thread may have held it) and spool file (not
+    one whose offset it shares with its parent)."""
+    global _stderr_lock
+    _stderr_lock = threading.Lock()
+    _stderr_file.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
+@contextlib.contextmanager
+def _libjpeg_warning(found: list[bytes]):
+    """Collect what is written to fd 2 meanwhile: OpenCV's JPEG decoder leaves libjpeg's own
+    message handler in place, which prints an image's first warning there and nowhere else.
+    Lines that are not libjpeg's are written back to fd 2 afterwards; without a usable fd 2 the
+    block just runs."""
+    with _stderr_lock:
+        try:
+            if not _stderr_file:
+                _stderr_file.append(tempfile.TemporaryFile(buffering=0))
+            spool = _stderr_file[0]
+            saved = os.dup(2)
+        except OSError:
+            yield
+            return
+        try:
+            os.dup2(spool.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+        finally:
+            os.close(saved)
+        text = b""
+        if os.lseek(spool.fileno(), 0, os.SEEK_CUR):  # something was written (the offset is shared with fd 2)
+            os.lseek(spool.fileno(), 0, os.SEEK_SET)
+            text = spool.read()
+            os.lseek(spool.fileno(), 0, os.SEEK_SET)
+            os.ftruncate(spool.fileno(), 0)
+    if text:
+        lines = text.splitlines(keepends=True)
+        found.extend(x for x in lines if x.startswith(_LIBJPEG_LINES))
+        other = b"".join(x for x in lines if not x.startswith(_LIBJPEG_LINES))
+        if other:
+            with contextlib.suppress(OSError):
+                os.write(2, other)
+
+
 def decode_image(data: bytes, cfg: ImageConfig) -> tuple[np.ndarray, dict[str, Any]]:
     """Validated, oriented RGB uint8 pixels and the original's metadata."""
     fmt, width, height = read_image_size(data)
@@ -337,7 +401,15 @@ def decode_image(data: bytes, cfg: ImageConfig) -> tuple[np.ndarray, dict[str, A
     try:  # decoded once: JPEG as colour (OpenCV applies its EXIF orientation and converts CMYK),
         # the rest unchanged (alpha and 16-bit kept; a TIFF's first page, its Orientation tag
         # applied by OpenCV), PNG/WebP oriented here from their eXIf/EXIF chunk
-        img = cv2.imdecode(buf, cv2.IMREAD_COLOR if fmt == "jpeg" else cv2.IMREAD_UNCHANGED)
+        if fmt == "jpeg":
+            warning: list[bytes] = []
+            with _libjpeg_warning(warning):
+                img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+            lost = [x for x in warning if any(w in x for w in _JPEG_DATA_LOSS)]
+            if lost:  # decoded, but partly grey: refuse it as a truncated file is refused
+                raise RecordError("image_undecodable", f"jpeg: {lost[0].decode('ascii', 'replace').strip()}")
+        else:
+            img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     except cv2.error as err:
         if "Insufficient memory" in str(err):
             raise MemoryError(f"{fmt}: {width}x{height}") from None

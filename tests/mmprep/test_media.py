@@ -108,6 +108,32 @@ def test_bad_images_are_rejects_with_reasons(data, reason):
         process_image(data, IMG)
 
 
+def _scan(data: bytes) -> tuple[int, int]:
+    """Where a baseline JPEG's entropy-coded data starts and ends (its SOS segment to the EOI)."""
+    sos = data.rfind(b"\xff\xda")
+    return sos + 2 + struct.unpack(">H", data[sos + 2 : sos + 4])[0], data.rfind(b"\xff\xd9")
+
+
+def test_a_jpeg_whose_scan_data_is_damaged_is_a_reject_not_a_grey_image(capfd):
+    """libjpeg decodes a JPEG with lost or broken scan data to a partly flat-grey picture, and
+    only prints a warning: such a file has its EOI, so the truncation check passes it."""
+    good = enc(".jpg", cv2.resize(scene(), (400, 300)))
+    start, end = _scan(good)
+    cut = good[: (start + end) // 2] + b"\xff\xd9"  # a download cut off, then "repaired" with an EOI
+    restart = good[:start] + good[start : (start + end) // 2] + b"\xff\xd3" + good[(start + end) // 2 :]  # a stray RST marker
+    for damaged in (cut, restart):
+        with pytest.raises(RecordError, match=r"image_undecodable: jpeg: Corrupt JPEG data"):
+            process_image(damaged, IMG)
+    # a harmless oddity libjpeg also warns about (padding after the scan) still decodes, the same
+    padded = good[:end] + b"\x00" * 7 + good[end:]
+    assert process_image(padded, IMG).jpg == process_image(good, IMG).jpg
+    # what others print meanwhile is left alone; libjpeg's warnings are not printed at all
+    print("before", flush=True)
+    process_image(good, IMG)
+    captured = capfd.readouterr()
+    assert "before" in captured.out and "Corrupt JPEG" not in captured.err
+
+
 def test_phash_links_resized_reencoded_copies_not_different_images():
     a = scene()
     b = scene()
