@@ -229,7 +229,13 @@ def _decode(container: InputContainer, stream: av.stream.Stream, errors: list[st
             packet = None
         try:
             frames = codec.decode(packet)
-        except MemoryError:
+        except MemoryError as err:
+            if max_pixels and max_pixels < _SMALL_MAX_PIXELS and "picture accessories" in str(err):
+                raise RecordError(
+                    "video_too_large",
+                    f"FFmpeg's {codec.name} decoder needs more than max_pixels={max_pixels} for the buffers of a "
+                    f"{codec.width}x{codec.height} frame (its tables can exceed a small frame's size: raise max_pixels)",
+                ) from None
             raise
         except _AV_ERRORS as err:
             width, height = _refused_size(err) or (codec.width, codec.height)
@@ -245,6 +251,13 @@ def _decode(container: InputContainer, stream: av.stream.Stream, errors: list[st
         if packet is None:
             return
 
+
+# MPEG-4 Part 2 and WMV decoders check their per-picture tables against max_pixels too, and
+# report a refusal as ENOMEM ("Error allocating picture accessories"): a 64x48 frame needs
+# max_pixels ≥ 53,760, 320x240 ≥ 125,440, 640x480 its own size. Under this bound such an ENOMEM
+# is that refusal (a real allocation failure for frames this small would need a row memory
+# limit of a few MB), not an out_of_memory.
+_SMALL_MAX_PIXELS = 1_000_000
 
 # FFmpeg's words when its max_pixels option refuses a picture. Codecs whose size only the
 # bitstream tells (MPEG-4 Part 2, VP9, Motion JPEG ...) have no width/height in the codec
@@ -328,7 +341,10 @@ def _sample(container: InputContainer, stream: av.VideoStream, cfg: VideoConfig,
     first = next(frames, None)
     if first is None:
         if frames.errors:
-            raise RecordError("video_undecodable", f"no frame decodes: {frames.errors[0]}")
+            unknown = "" if stream.codec_context.width else (
+                f" (the frame size is unknown: FFmpeg also refuses to open a decoder for frames over max_pixels={cfg.max_pixels},"
+                " which may be why)")  # MPEG-2, WMV, MS-MPEG-4: their refusal does not say the size
+            raise RecordError("video_undecodable", f"no frame decodes: {frames.errors[0]}{unknown}")
         raise RecordError("video_no_frames", "the video stream holds no frames")
     check_shape("video", first.frame.width, first.frame.height, cfg.min_side, cfg.max_aspect)  # the real size (a header can say 0x0, or lie)
     rotation, mirrored = _rotation(first.frame, stream)

@@ -345,6 +345,23 @@ def test_a_clip_over_max_pixels_is_too_large_whatever_its_codec(container, codec
     assert process_video(data, replace(VID, max_pixels=64_000)).meta["width"] == 64  # (MPEG-4 Part 2 needs ~54k for its tables)
 
 
+@pytest.mark.parametrize(("container", "codec"), [("mp4", "mpeg4"), ("avi", "wmv2")])
+def test_a_max_pixels_below_what_the_decoder_needs_for_its_tables_is_too_large_not_out_of_memory(container, codec):
+    """The frame (64x48) is within max_pixels, but these decoders' per-picture tables are not:
+    FFmpeg refuses them with ENOMEM, which must not read as the row running out of memory."""
+    if codec not in av.codecs_available:
+        pytest.skip(f"this FFmpeg has no {codec} encoder")
+    data = clip(grey_frames(12), 6, container=container, codec=codec)
+    with pytest.raises(RecordError) as err:
+        process_video(data, replace(VID, max_pixels=5000))
+    assert err.value.reason == "video_too_large" and "max_pixels=5000" in err.value.detail and "64x48" in err.value.detail
+    assert process_video(data, replace(VID, max_pixels=53_760)).meta["width"] == 64
+    # under the frame's own size, WMV's refusal does not say the size: the detail names the bound
+    with pytest.raises(RecordError) as err:
+        process_video(data, replace(VID, max_pixels=3071))
+    assert err.value.reason in ("video_too_large", "video_undecodable") and "max_pixels=3071" in err.value.detail
+
+
 def mirrored_clip(degrees: int, hflip: bool, vflip: bool, stored: np.ndarray) -> bytes:
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as out:
