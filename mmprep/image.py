@@ -366,6 +366,7 @@ def _libjpeg_warning(found: list[bytes]):
         except OSError:
             yield
             return
+        text = b""
         try:
             os.dup2(spool.fileno(), 2)
             try:
@@ -374,19 +375,20 @@ def _libjpeg_warning(found: list[bytes]):
                 os.dup2(saved, 2)
         finally:
             os.close(saved)
-        text = b""
-        if os.lseek(spool.fileno(), 0, os.SEEK_CUR):  # something was written (the offset is shared with fd 2)
-            os.lseek(spool.fileno(), 0, os.SEEK_SET)
-            text = spool.read()
-            os.lseek(spool.fileno(), 0, os.SEEK_SET)
-            os.ftruncate(spool.fileno(), 0)
-    if text:
-        lines = text.splitlines(keepends=True)
-        found.extend(x for x in lines if x.startswith(_LIBJPEG_LINES))
-        other = b"".join(x for x in lines if not x.startswith(_LIBJPEG_LINES))
-        if other:
-            with contextlib.suppress(OSError):
-                os.write(2, other)
+            # drained even when the decode raised: a warning left in the spool would otherwise
+            # be read as the next image's
+            if os.lseek(spool.fileno(), 0, os.SEEK_CUR):  # something was written (the offset is shared with fd 2)
+                os.lseek(spool.fileno(), 0, os.SEEK_SET)
+                text = spool.read()
+                os.lseek(spool.fileno(), 0, os.SEEK_SET)
+                os.ftruncate(spool.fileno(), 0)
+            if text:
+                lines = text.splitlines(keepends=True)
+                found.extend(x for x in lines if x.startswith(_LIBJPEG_LINES))
+                other = b"".join(x for x in lines if not x.startswith(_LIBJPEG_LINES))
+                if other:
+                    with contextlib.suppress(OSError):
+                        os.write(2, other)
 
 
 def decode_image(data: bytes, cfg: ImageConfig) -> tuple[np.ndarray, dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 
@@ -132,6 +133,25 @@ def test_a_jpeg_whose_scan_data_is_damaged_is_a_reject_not_a_grey_image(capfd):
     process_image(good, IMG)
     captured = capfd.readouterr()
     assert "before" in captured.out and "Corrupt JPEG" not in captured.err
+
+
+def test_a_warning_from_a_decode_that_raised_is_not_the_next_images(monkeypatch):
+    """A decoder that prints libjpeg's warning and then fails (OpenCV's out-of-memory error)
+    must not leave that warning to be read as the next, intact image's."""
+    import mmprep.image as image
+
+    good = enc(".jpg", cv2.resize(scene(), (400, 300)))
+    real = cv2.imdecode
+
+    def fails(buf, flags):
+        os.write(2, b"Corrupt JPEG data: premature end of data segment\n")
+        raise MemoryError("jpeg")
+
+    monkeypatch.setattr(image.cv2, "imdecode", fails)
+    with pytest.raises(MemoryError):
+        process_image(good, IMG)
+    monkeypatch.setattr(image.cv2, "imdecode", real)
+    assert process_image(good, IMG).jpg  # not image_undecodable
 
 
 def test_phash_links_resized_reencoded_copies_not_different_images():
