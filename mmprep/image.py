@@ -391,8 +391,45 @@ def _libjpeg_warning(found: list[bytes]):
                         os.write(2, other)
 
 
+_REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def _jpeg_scale(width: int, height: int, size: int) -> int:
+    """The denominator of libjpeg's DCT scaling (1/2, 1/4, 1/8) for a JPEG far larger than its
+    target: the largest that divides both sides (so a scaled pixel is exactly an s × s block of
+    the original, and the resize and crop fall where they fall in a full decode) and leaves the
+    shorter side at least 2 × `size` (Pillow's `draft` with `reducing_gap=2`: the area filter
+    makes the rest of the way). 1, a full decode, otherwise."""
+    for s in (8, 4, 2):
+        if width % s == 0 and height % s == 0 and min(width, height) >= 2 * size * s:
+            return s
+    return 1
+
+
+def _decode_jpeg(buf: np.ndarray, width: int, height: int, size: int) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """OpenCV's JPEG decode (EXIF orientation applied, CMYK and grey as colour), scaled down per
+    `_jpeg_scale`; with it the original's upright (width, height), which OpenCV's turn of the
+    scaled pixels by its EXIF orientation shows (a full decode where the shape says neither).
+    Damaged scan data is `image_undecodable`."""
+    for s in dict.fromkeys((_jpeg_scale(width, height, size), 1)):
+        warning: list[bytes] = []
+        with _libjpeg_warning(warning):
+            img = cv2.imdecode(buf, _REDUCED[s])
+        lost = [x for x in warning if any(w in x for w in _JPEG_DATA_LOSS)]
+        if lost:  # decoded, but partly grey: refuse it as a truncated file is refused
+            raise RecordError("image_undecodable", f"jpeg: {lost[0].decode('ascii', 'replace').strip()}")
+        if s == 1 or img is None:
+            return img, None
+        if img.shape[:2] == (height // s, width // s):
+            return img, (width, height)
+        if img.shape[:2] == (width // s, height // s):
+            return img, (height, width)
+    return img, None  # (not reached: the loop ends with s == 1)
+
+
 def decode_image(data: bytes, cfg: ImageConfig) -> tuple[np.ndarray, dict[str, Any]]:
-    """Validated, oriented RGB uint8 pixels and the original's metadata."""
+    """Validated, oriented RGB uint8 pixels and the original's metadata. A JPEG at least four
+    times `cfg.size` on its shorter side comes out scaled down by libjpeg (`_jpeg_scale`)."""
     fmt, width, height = read_image_size(data)
     if width * height > cfg.max_pixels:
         raise RecordError("image_too_large", f"{width}x{height} exceeds max_pixels={cfg.max_pixels}")
@@ -400,16 +437,12 @@ def decode_image(data: bytes, cfg: ImageConfig) -> tuple[np.ndarray, dict[str, A
         raise RecordError("image_undecodable", f"{fmt}: truncated file")
     exif = _png_exif(data) if fmt == "png" else _webp_exif(data) if fmt == "webp" else None
     buf = np.frombuffer(data, np.uint8)
+    oriented = None  # the original's upright width and height, where the pixels are scaled down
     try:  # decoded once: JPEG as colour (OpenCV applies its EXIF orientation and converts CMYK),
         # the rest unchanged (alpha and 16-bit kept; a TIFF's first page, its Orientation tag
         # applied by OpenCV), PNG/WebP oriented here from their eXIf/EXIF chunk
         if fmt == "jpeg":
-            warning: list[bytes] = []
-            with _libjpeg_warning(warning):
-                img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-            lost = [x for x in warning if any(w in x for w in _JPEG_DATA_LOSS)]
-            if lost:  # decoded, but partly grey: refuse it as a truncated file is refused
-                raise RecordError("image_undecodable", f"jpeg: {lost[0].decode('ascii', 'replace').strip()}")
+            img, oriented = _decode_jpeg(buf, width, height, cfg.size)
         else:
             img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     except cv2.error as err:
@@ -426,6 +459,8 @@ def decode_image(data: bytes, cfg: ImageConfig) -> tuple[np.ndarray, dict[str, A
         img = orient(img, exif_orientation(exif))
     rgb = _to_rgb(img)
     h, w = rgb.shape[:2]
+    if oriented:
+        w, h = oriented
     check_shape("image", w, h, cfg.min_side, cfg.max_aspect)
     meta = {"format": fmt, "width": int(w), "height": int(h), "channels": int(channels), "bit_depth": depth}
     return rgb, meta

@@ -80,6 +80,47 @@ def test_exif_orientation_is_honoured():
     assert (rotated.meta["width"], rotated.meta["height"]) == (60, 120)  # 90° turn: portrait now
 
 
+def photo(h: int, w: int) -> np.ndarray:
+    """BGR, photo-like (gradients, grain, edges) and asymmetric: a green square top left."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.dstack([x / w * 200, (np.sin(y / 37) + 1) * 90, 60 + y / h * 150])
+    img += np.random.default_rng(1).normal(0, 10, img.shape)
+    cv2.circle(img, (w * 2 // 3, h // 2), min(h, w) // 3, (250, 250, 250), 12)
+    img[h // 10 : h // 4, w // 10 : w // 4] = (0, 200, 0)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(("h", "w"), [(904, 1200), (905, 1203)])
+def test_a_large_jpeg_decoded_at_a_reduced_scale_is_the_full_decode_within_a_level(monkeypatch, h, w):
+    """A JPEG far larger than image.size, with sides that 2, 4 or 8 divide, is decoded by libjpeg
+    at that scale: the stored picture, turned by its EXIF orientation, is a full decode's within
+    about a level per pixel before its JPEG encoding, and the metadata keep the original's
+    upright size. Other sides (905x1203) decode whole, as before."""
+    import mmprep.image as image
+
+    cfg = ImageConfig(size=48)
+    img = photo(h, w)
+    for orientation in range(1, 9):
+        data = exif_orientation_jpeg(img, orientation)
+        scaled, meta = image.decode_image(data, cfg)
+        with monkeypatch.context() as m:
+            m.setattr(image, "_jpeg_scale", lambda *_: 1)
+            full, _ = image.decode_image(data, cfg)
+            want = process_image(data, cfg)
+        got = process_image(data, cfg)
+        upright = (h, w) if orientation < 5 else (w, h)
+        assert full.shape[:2] == upright and (meta["height"], meta["width"]) == upright
+        assert got.meta == want.meta
+        if h % 8:
+            assert scaled.shape == full.shape and got == want
+            continue
+        assert scaled.shape[:2] == (upright[0] // 8, upright[1] // 8)
+        diff = np.abs(image.resize_crop(scaled, 48).astype(int) - image.resize_crop(full, 48).astype(int))
+        assert diff.mean() < 1.0, (orientation, diff.mean())
+        assert np.abs(decode_jpg(got.jpg).astype(int) - decode_jpg(want.jpg).astype(int)).mean() < 2.5
+        assert hamming(got.phash, want.phash) <= 4
+
+
 def test_transparent_pixels_become_white():
     rgba = np.zeros((40, 40, 4), np.uint8)
     rgba[..., :3] = (0, 0, 255)  # pure red but fully transparent
