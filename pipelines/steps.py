@@ -7,6 +7,7 @@ import functools
 import hashlib
 import os
 from collections import deque
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import apache_beam as beam
@@ -36,7 +37,7 @@ def counted(rej: Reject) -> Reject:
     return rej
 
 
-def _gathered(item: tuple[None, list]) -> list:
+def _gathered(item: tuple[None, Iterable]) -> list:
     # without the seed; in a deterministic order whatever the runner delivered
     return sorted((x for x in item[1] if x is not None), key=repr)
 
